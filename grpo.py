@@ -1,0 +1,1037 @@
+"""
+grpo.py -- GRPO (Group Relative Policy Optimization) for a 4-bit QLoRA causal LM, in one file.
+
+For every prompt q we sample a group of G completions o_1..o_G from the current policy, score each
+with a verifier (verify.py), and push up the log-probability of the completions that scored above
+their group's mean. The objective maximised (DeepSeekMath, Shao et al. 2024, eq. 3) is
+
+    J(θ) = E_q E_{o_i ~ π_old} [ 1/G Σ_i 1/|o_i| Σ_t ( min( r_it·Â_i , clip(r_it, 1-ε_low, 1+ε_high)·Â_i )
+                                                       - β·KL_t(π_θ ‖ π_ref) ) ]
+    r_it = π_θ(o_it | q, o_i<t) / π_old(o_it | q, o_i<t)        (the importance ratio)
+    Â_i  = (R_i - mean(R_1..R_G)) / (std(R_1..R_G) + eps)      (group-normalised advantage)
+
+and the loss is its negative. π_ref is the frozen base model: the same weights with the LoRA adapters
+switched off, so no second copy of the model is ever held in memory.
+
+Departures from the paper (each is a flag; the default is listed first):
+  1. KL estimator: k3 = exp(ref - logp) - (ref - logp) - 1 per token (Schulman, "Approximating KL
+     divergence", 2020), added to the loss as in the paper; `--beta 0` skips the reference pass.
+  2. Loss aggregation `--agg`: "seq" = mean over sequences of each sequence's token mean (paper);
+     "token" = one mean over all tokens of the batch (DAPO, Yu et al. 2025); "dr_grpo" = sum over
+     tokens divided by a constant B·G·max_new_tokens (Dr. GRPO, Liu et al. 2025).
+  3. Advantage scale: divided by the group std by default; `--no-scale-advantages` leaves it
+     unscaled (Dr. GRPO), which stops low-variance groups from being up-weighted.
+  4. Inner iterations μ = `--num-iterations` (default 1): with μ = 1, π_old = π_θ, the ratio is
+     exactly 1 and the clip never binds (the gradient is the plain policy gradient). With μ > 1 the
+     old log-probs are computed once before the updates and the clip does its PPO job.
+  5. Asymmetric clipping `--clip-high` (DAPO's "clip-higher" uses 0.28), dropping zero-std groups
+     from the loss (`--drop-zero-std-groups`, DAPO's dynamic sampling without the re-sampling), and
+     masking or penalising completions that hit max_new_tokens (`--overlong`, DAPO).
+  6. Log-probs are computed at the sampling temperature (logits / T), so they are the log-probs of
+     the policy that sampled. top-p truncation is not modelled (as in TRL).
+
+Shapes: B prompts per step, G completions per prompt, N = B·G sequences, P prompt tokens,
+T completion tokens, V vocabulary, H hidden size. "mask" is always a 0/1 float of shape [N, T].
+
+Run it full size (Qwen2.5-14B, 4-bit, one 80 GB GPU):
+    python grpo.py --data data/gsm8k.jsonl
+Run it tiny, on a CPU, offline (a random 2-layer Qwen2 and a toy task; see README):
+    python tiny.py learn
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import resource
+import shutil
+import signal
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from verify import code_reward, format_reward, math_reward
+
+
+# -----------------------------------------------------------------------------
+# Config: every knob, with its meaning. The CLI (`--help`) is generated from this.
+
+
+def arg(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Args:
+    # run / logging
+    run_name: str = arg("", "run directory name under --out-dir; default: grpo-<date>-<time>")
+    out_dir: str = arg("runs", "where run directories go")
+    seed: int = arg(0, "seed for python, numpy and torch (rank r of a torchrun job samples with seed + r)")
+    device: str = arg("", "cuda or cpu; default: cuda when available")
+    sample_every: int = arg(10, "print one sample completion every this many steps")
+    samples_per_step: int = arg(4, "prompt/completion records written to samples.jsonl per step")
+    plot: str = arg("", "path of a run directory: draw its metrics.jsonl into metrics.png and exit")
+    # model / QLoRA
+    model: str = arg("Qwen/Qwen2.5-14B", "hub id or local path of a causal LM, loaded in 4-bit NF4")
+    lora_rank: int = arg(16, "LoRA rank r on every linear layer of the blocks")
+    lora_alpha: int = arg(32, "LoRA alpha (the update is scaled by alpha / r)")
+    lora_dropout: float = arg(0.0, "dropout on the LoRA input")
+    gradient_checkpointing: bool = arg(True, "recompute block activations in backward (saves memory)")
+    # data
+    data: str = arg("data/gsm8k.jsonl", "training prompts, jsonl (schema: data/README.md); gsm8k.jsonl is downloaded if missing")
+    eval_data: str = arg("data/gsm8k_test.jsonl", "held-out prompts; gsm8k_test.jsonl is downloaded if missing")
+    chat_template: bool = arg(True, "wrap prompts in the tokenizer's chat template when it has one")
+    # rollout
+    prompts_per_step: int = arg(16, "B: prompts per optimizer step (across all ranks)")
+    group_size: int = arg(8, "G: completions sampled per prompt")
+    max_new_tokens: int = arg(512, "longest completion; longer ones are cut and flagged truncated")
+    temperature: float = arg(1.0, "sampling temperature at the first step")
+    temperature_end: float = arg(-1.0, "sampling temperature at the last step, linear in between; < 0: constant")
+    top_p: float = arg(1.0, "nucleus sampling threshold")
+    generation_chunk: int = arg(64, "sequences per model.generate call (halved automatically on CUDA out-of-memory)")
+    overlong: str = arg("keep", "truncated completions: keep | mask (out of the loss, DAPO) | penalty (reward - overlong_penalty)")
+    overlong_penalty: float = arg(1.0, "subtracted from a truncated completion's reward with --overlong penalty")
+    # reward
+    correct_weight: float = arg(1.0, "weight of the correctness reward (math answer or code tests)")
+    format_weight: float = arg(0.1, "weight of the format reward (one final \\boxed{} / one ```python block)")
+    strict: bool = arg(True, "training reward reads only \\boxed{} answers (else also the last number)")
+    code_timeout: float = arg(5.0, "seconds per code_reward run")
+    reward_workers: int = arg(8, "threads scoring completions in parallel")
+    # loss
+    beta: float = arg(0.04, "β: KL coefficient; 0 skips the reference pass entirely")
+    clip_low: float = arg(0.2, "ε_low: the ratio is clipped below at 1 - ε_low")
+    clip_high: float = arg(0.2, "ε_high: the ratio is clipped above at 1 + ε_high (DAPO: 0.28)")
+    agg: str = arg("seq", "loss aggregation: seq (GRPO) | token (DAPO) | dr_grpo (Dr. GRPO)")
+    scale_advantages: bool = arg(True, "divide advantages by the group std (off: Dr. GRPO)")
+    num_iterations: int = arg(1, "μ: optimizer steps per generated batch")
+    drop_zero_std_groups: bool = arg(False, "leave groups whose rewards are all equal out of the loss (DAPO)")
+    # optimization
+    steps: int = arg(500, "optimizer steps (each on B·G fresh completions, times μ)")
+    lr: float = arg(1e-5, "peak AdamW learning rate of the adapters")
+    lr_schedule: str = arg("cosine", "after warmup: cosine (to 0) | constant")
+    warmup_steps: int = arg(10, "linear warmup steps")
+    weight_decay: float = arg(0.0, "AdamW weight decay")
+    max_grad_norm: float = arg(1.0, "clip the adapters' gradient to this global norm; 0: off")
+    micro_batch: int = arg(16, "sequences per forward/backward; gradients accumulate to the full batch")
+    logprob_memory_mb: int = arg(512, "memory budget of one chunk of the fused log-prob gather (sets its row count)")
+    max_bad_steps: int = arg(3, "stop after this many non-finite losses/gradients in a row")
+    # evaluation / checkpoints
+    eval_every: int = arg(50, "greedy pass@1 on --eval-data every this many steps (also before the first and after the last); 0: off")
+    eval_n: int = arg(200, "items of --eval-data used for evaluation; 0: all")
+    eval_only: bool = arg(False, "evaluate the base model (or --adapter) and exit")
+    adapter: str = arg("", "a saved adapter directory to evaluate with --eval-only")
+    save_every: int = arg(50, "save a checkpoint every this many steps (and at the end)")
+    keep_last: int = arg(3, "checkpoints kept; older ones are deleted")
+    resume: str = arg("", "a run directory: continue from its newest checkpoint")
+
+
+# Fields that must match the checkpoint's when resuming; everything else may change (e.g. --steps).
+RESUME_MUST_MATCH = ("model", "lora_rank", "lora_alpha", "data", "prompts_per_step", "group_size", "seed",
+                     "chat_template", "agg", "num_iterations")
+
+
+def parse_args(argv=None) -> Args:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Args):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):  # --x / --no-x
+            parser.add_argument(flag, default=f.default, help=f.metadata["help"], action=argparse.BooleanOptionalAction)
+        else:
+            parser.add_argument(flag, default=f.default, help=f.metadata["help"], type=type(f.default))
+    return Args(**vars(parser.parse_args(argv)))
+
+
+def fail(message):
+    """Bad input ends the run with one line, never a traceback from deep inside a library."""
+    raise SystemExit(f"grpo.py: error: {message}")
+
+
+def check_args(args: Args, world_size: int = 1):
+    """Reject impossible settings before anything slow happens."""
+    if args.group_size < 2:
+        fail(f"--group-size {args.group_size}: GRPO needs at least 2 completions per prompt to compare")
+    for name in ("prompts_per_step", "micro_batch", "generation_chunk", "max_new_tokens", "steps", "num_iterations"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
+    if args.prompts_per_step % world_size:
+        fail(f"--prompts-per-step {args.prompts_per_step} does not split into whole groups over {world_size} ranks")
+    choices = {"agg": ("seq", "token", "dr_grpo"), "overlong": ("keep", "mask", "penalty"),
+               "lr_schedule": ("cosine", "constant")}
+    for name, allowed in choices.items():
+        if getattr(args, name) not in allowed:
+            fail(f"--{name.replace('_', '-')} {getattr(args, name)!r}: choose one of {', '.join(allowed)}")
+    if not (0 <= args.clip_low < 1 and args.clip_high >= 0):
+        fail(f"clip range [1 - {args.clip_low}, 1 + {args.clip_high}] is empty or negative")
+
+
+# -----------------------------------------------------------------------------
+# Data: jsonl prompts -> [{"prompt", "answer" | "tests"}] -> model-ready prompt strings. Plumbing.
+
+GSM8K_URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/{split}.jsonl"
+GSM8K_FILES = {"gsm8k.jsonl": "train", "gsm8k_test.jsonl": "test"}
+
+
+def download_gsm8k(path):
+    """Fetch GSM8K (MIT) from its official repository, written atomically so a cut download leaves nothing."""
+    url = GSM8K_URL.format(split=GSM8K_FILES[os.path.basename(path)])
+    print(f"{path} not found: downloading GSM8K from {url}")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            payload = response.read()
+    except OSError as e:
+        fail(f"{path} does not exist and GSM8K could not be downloaded ({e}). Offline? Download {url} "
+             f"by hand and save it as {path}, or pass --data/--eval-data with your own jsonl")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "wb") as f:
+        f.write(payload)
+    os.replace(path + ".tmp", path)
+
+
+def load_items(path) -> list[dict]:
+    """One JSON object per line: "prompt" (or GSM8K's "question") and "answer" (math) or "tests" (code)."""
+    if not os.path.exists(path):
+        if os.path.basename(path) in GSM8K_FILES:
+            download_gsm8k(path)
+        else:
+            fail(f"data file {path} does not exist")
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, 1):
+            if not line.strip():
+                continue  # blank lines are allowed (e.g. a trailing newline)
+            where = f"{path}:{line_number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                fail(f"{where}: not valid JSON ({e.msg} at column {e.colno})")
+            if not isinstance(record, dict):
+                fail(f"{where}: expected a JSON object, got {type(record).__name__}")
+            prompt = record.get("prompt", record.get("question"))
+            if not isinstance(prompt, str) or not prompt.strip():
+                fail(f"{where}: field \"prompt\" (or \"question\") is missing or not a non-empty string")
+            item = {"prompt": prompt}
+            for key in ("answer", "tests", "entry_point"):
+                if key in record:
+                    if not isinstance(record[key], str):
+                        fail(f"{where}: field \"{key}\" must be a string")
+                    item[key] = record[key]
+            if ("answer" in item) == ("tests" in item):
+                fail(f"{where}: needs exactly one of \"answer\" (math) or \"tests\" (code)")
+            items.append(item)
+    if not items:
+        fail(f"data file {path} has no items")
+    return items
+
+
+MATH_INSTRUCTION = "Think step by step, then give the final answer at the end as \\boxed{{answer}}."
+CODE_INSTRUCTION = "Think step by step, then give your solution as one ```python code block at the end."
+# R1-Zero's template (DeepSeek-R1 paper, table 1), for tokenizers without a chat template.
+PLAIN_TEMPLATE = ("A conversation between User and Assistant. The User asks a question, and the Assistant "
+                  "solves it. The Assistant first thinks about the reasoning process and then gives the "
+                  "final answer.\nUser: {question}\nAssistant:")
+
+
+def build_prompt(item, tokenizer, use_chat_template=True) -> str:
+    instruction = CODE_INSTRUCTION if "tests" in item else MATH_INSTRUCTION
+    question = f"{item['prompt'].strip()}\n{instruction}"
+    if use_chat_template and tokenizer.chat_template:
+        return tokenizer.apply_chat_template([{"role": "user", "content": question}],
+                                             tokenize=False, add_generation_prompt=True)
+    return PLAIN_TEMPLATE.format(question=question)
+
+
+def batch_indices(step, batch_size, num_items, seed) -> list[int]:
+    """The items of a step: a fresh seeded permutation per epoch, so the data position is a pure
+    function of the step (resume needs nothing but the step number)."""
+    indices = []
+    for position in range(step * batch_size, (step + 1) * batch_size):
+        epoch, offset = divmod(position, num_items)
+        order = np.random.default_rng(seed + epoch).permutation(num_items)
+        indices.append(int(order[offset]))
+    return indices
+
+
+# -----------------------------------------------------------------------------
+# Model: the base in 4-bit NF4 (frozen), LoRA adapters on every block linear (trained). Plumbing.
+
+
+def count_parameters(model_name) -> int:
+    """Parameters of a model from its config alone (built on the meta device: no memory, no weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    try:
+        config = AutoConfig.from_pretrained(model_name)
+    except Exception as e:  # many exception types: missing dir, no network, bad json
+        fail(f"--model {model_name}: not a local model directory nor reachable on the Hugging Face Hub "
+             f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+    with torch.device("meta"):
+        meta_model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in meta_model.parameters())
+
+
+def load_model(args: Args, device: torch.device):
+    """4-bit NF4 base + LoRA (QLoRA, Dettmers et al. 2023). Returns (peft model, tokenizer)."""
+    import bitsandbytes as bnb
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    num_parameters = count_parameters(args.model)
+    if device.type != "cuda" and num_parameters > 2e9:
+        fail(f"--model {args.model} has {num_parameters / 1e9:.1f}B parameters and this machine has no GPU: "
+             "train it on a CUDA GPU, or try the tiny CPU run (python tiny.py learn)")
+    # bf16 compute on GPU; float32 on CPU, where bf16 matmuls are slow or missing.
+    compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype)
+    model = AutoModelForCausalLM.from_pretrained(args.model, quantization_config=quantization, dtype=compute_dtype,
+                                                 device_map={"": device})
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer.padding_side = "left"  # generate appends on the right, so prompts are padded on the left
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # pad = eos: the completion mask below handles it
+    if device.type == "cpu":
+        # Trap: on CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights into an inference-only
+        # layout at the first eval-mode forward (inside generate); the next training forward then
+        # fails with "a view of a leaf Variable that requires grad...". Keep the trainable layout.
+        for module in model.modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                module.support_avx512bf16_for_cpu = False
+    if args.gradient_checkpointing:
+        # Non-reentrant checkpointing works with frozen inputs (no enable_input_require_grads hack).
+        # It is only active in train mode: generate runs in eval mode and keeps its KV cache.
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    if args.adapter:  # --eval-only of a saved adapter
+        model = PeftModel.from_pretrained(model, args.adapter, is_trainable=False)
+    else:
+        # "all-linear": q,k,v,o,gate,up,down of every block; peft leaves lm_head and embeddings out.
+        lora = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                          target_modules="all-linear", task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora)
+    trainable, total = model.get_nb_trainable_parameters()  # counts 4-bit weights unpacked
+    print(f"model {args.model}: {total:,} parameters, {trainable:,} trainable ({100 * trainable / total:.3f}%), "
+          f"4-bit NF4, compute {compute_dtype}, device {device}")
+    return model, tokenizer
+
+
+def end_of_sequence_ids(model, tokenizer) -> list[int]:
+    """Every token that ends a completion: the tokenizer's EOS, the model's generation EOS and, for chat
+    templates, the end-of-turn token (Qwen's base EOS is <|endoftext|> but a chat turn ends <|im_end|>)."""
+    ids = {tokenizer.eos_token_id}
+    generation_eos = model.generation_config.eos_token_id
+    ids.update(generation_eos if isinstance(generation_eos, list) else [generation_eos])
+    for token in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+            ids.add(token_id)
+    return sorted(i for i in ids if i is not None)
+
+
+# -----------------------------------------------------------------------------
+# Rollout: G samples per prompt with model.generate, then the completion mask.
+
+
+def completion_mask_from_ids(completion_ids, eos_ids):
+    """mask[i, t] = 1 for tokens up to AND including the first EOS (EOS must be trained, or the policy
+    never learns to stop); 0 after it. generate pads finished rows with pad, which may equal EOS:
+    only the first EOS counts. Returns (mask [N, T] float, truncated [N] bool: no EOS at all)."""
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))  # [N, T]
+    truncated = ~is_eos.any(dim=1)  # [N]
+    T = completion_ids.shape[1]
+    first_eos = torch.where(truncated, T - 1, is_eos.int().argmax(dim=1))  # [N], argmax = first True
+    positions = torch.arange(T, device=completion_ids.device)  # [T]
+    mask = (positions[None, :] <= first_eos[:, None]).float()  # [N, T]
+    return mask, truncated
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts, args: Args, eos_ids, temperature, greedy=False, log=print):
+    """Sample one completion per prompt string (repeat a prompt G times for a group), in chunks of
+    --generation-chunk sequences. Returns a dict of CPU tensors: prompt_ids/prompt_mask [N, P] (left
+    padded), completion_ids [N, T], completion_mask [N, T], truncated [N]; and texts, tokens."""
+    device = model.device
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    prompt_ids, prompt_mask = encoded["input_ids"], encoded["attention_mask"]  # [N, P]
+    sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=args.top_p, top_k=0)
+    model.eval()  # eval mode: no dropout, and gradient checkpointing does not switch the KV cache off
+    chunks, start, chunk_size = [], 0, args.generation_chunk
+    while start < len(prompts):
+        rows = slice(start, start + chunk_size)
+        try:
+            output = model.generate(input_ids=prompt_ids[rows].to(device), attention_mask=prompt_mask[rows].to(device),
+                                    max_new_tokens=args.max_new_tokens, use_cache=True, eos_token_id=eos_ids,
+                                    pad_token_id=tokenizer.pad_token_id, **sampling)
+        except torch.OutOfMemoryError:
+            if chunk_size == 1:
+                fail("out of memory generating a single sequence: lower --max-new-tokens (or use a smaller --model)")
+            chunk_size //= 2
+            torch.cuda.empty_cache()
+            log(f"out of memory in generate: halving the generation chunk to {chunk_size} sequences "
+                f"(set --generation-chunk {chunk_size} to skip this next time)")
+            continue
+        chunks.append(output[:, prompt_ids.shape[1]:].cpu())  # keep only the new tokens
+        start += chunk_size
+    model.train()
+    T = max(c.shape[1] for c in chunks)  # chunks stop at different lengths: right-pad to one T
+    completion_ids = torch.cat([torch.nn.functional.pad(c, (0, T - c.shape[1]), value=tokenizer.pad_token_id)
+                                for c in chunks])  # [N, T]
+    completion_mask, truncated = completion_mask_from_ids(completion_ids, eos_ids)
+    texts = tokenizer.batch_decode([ids[mask.bool()] for ids, mask in zip(completion_ids, completion_mask)],
+                                   skip_special_tokens=True)
+    return dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+                completion_mask=completion_mask, truncated=truncated, texts=texts)
+
+
+# -----------------------------------------------------------------------------
+# Reward: verify.py decides what is correct; this only weighs and batches. Add a task in verify.py.
+
+
+def score(completions, items, args: Args, pool) -> dict:
+    """Reward each completion (items[i] is completion i's item). Returns float tensors [N]:
+    reward = correct_weight·correct + format_weight·formatted (overlong penalty applied later)."""
+    def score_one(pair):
+        text, item = pair
+        if "tests" in item:
+            return code_reward(text, item["tests"], timeout=args.code_timeout), format_reward(text, kind="code")
+        return math_reward(text, item["answer"], strict=args.strict), format_reward(text, kind="math")
+    correct, formatted = (torch.tensor(column, dtype=torch.float32)
+                          for column in zip(*pool.map(score_one, zip(completions, items))))
+    rewards = args.correct_weight * correct + args.format_weight * formatted
+    return dict(rewards=rewards, correct=correct, formatted=formatted)
+
+
+# -----------------------------------------------------------------------------
+# Log-probs: a fused, chunked lm_head + log-softmax + gather, so [N, V] logits never exist.
+#
+# With V = 152k, the logits of 16 × 2,048 tokens are 20 GB in float32, and autograd would keep
+# their softmax for backward. We only need one number per token: log p(target) = logit[target] -
+# logsumexp(logits). So forward walks the tokens in chunks and keeps logsumexp and the target logit;
+# backward recomputes each chunk's softmax (d logp / d logits = onehot - softmax). The idea is the
+# one behind Liger-Kernel's FusedLinearCrossEntropy and Apple's Cut Cross-Entropy (Wijmans et al.
+# 2024), written here in plain torch: no Triton, no torch.compile.
+
+
+def gather_chunk_rows(vocab_size, memory_mb) -> int:
+    """Rows per chunk so that a chunk's float32 logits plus the softmax/grad temporaries (about three
+    [rows, V] float32 buffers) fit the memory budget."""
+    return max(1, int(memory_mb * 2**20) // (3 * 4 * vocab_size))
+
+
+class TokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, chunk_size):
+        # hidden [N, H], weight [V, H] (lm_head, frozen), targets [N] -> log-probs [N] float32
+        weight32 = weight.float()  # float32 logits (a [V, H] float32 copy only while this call runs)
+        logsumexp = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        target_logit = torch.empty_like(logsumexp)
+        for start in range(0, hidden.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            logits = hidden[rows].float() @ weight32.T / temperature  # [n, V], freed each chunk
+            logsumexp[rows] = torch.logsumexp(logits, dim=-1)
+            target_logit[rows] = logits.gather(1, targets[rows, None]).squeeze(1)
+        ctx.save_for_backward(hidden, weight, targets, logsumexp)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        return target_logit - logsumexp
+
+    @staticmethod
+    def backward(ctx, grad_logprobs):
+        hidden, weight, targets, logsumexp = ctx.saved_tensors
+        weight32 = weight.float()
+        grad_hidden = torch.empty_like(hidden)
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            rows = slice(start, start + ctx.chunk_size)
+            logits = hidden[rows].float() @ weight32.T / ctx.temperature  # [n, V], recomputed
+            softmax = torch.exp(logits - logsumexp[rows, None])  # [n, V]
+            # d logp / d logits = onehot(target) - softmax, times the incoming gradient
+            grad_logits = -softmax * grad_logprobs[rows, None]  # [n, V]
+            grad_logits.scatter_add_(1, targets[rows, None], grad_logprobs[rows, None])
+            grad_hidden[rows] = (grad_logits @ weight32 / ctx.temperature).to(hidden.dtype)  # [n, H]
+        # lm_head is frozen: no [V, H] gradient is ever formed; targets/temperature/chunk have none.
+        return grad_hidden, None, None, None, None
+
+
+def token_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=None, memory_mb=512):
+    """log softmax(hidden @ weight.T / temperature)[targets], as float32 [N], in chunks of rows.
+    hidden [N, H] (gradient flows), weight [V, H] (no gradient), targets [N] int64. chunk_size=None
+    picks the rows per chunk from memory_mb. test_grpo.py checks it against a float64 reference."""
+    if chunk_size is None:
+        chunk_size = gather_chunk_rows(weight.shape[0], memory_mb)
+    return TokenLogprobs.apply(hidden, weight, targets, float(temperature), int(chunk_size))
+
+
+def sequence_logprobs(model, batch, temperature, memory_mb=512):
+    """Per-token log-probs [n, T] of the completions in batch (0 where completion_mask is 0), from the
+    backbone's hidden states and the fused gather. Gradients flow when called with grad enabled."""
+    prompt_ids, completion_ids, mask = batch["prompt_ids"], batch["completion_ids"], batch["completion_mask"]
+    n, P = prompt_ids.shape
+    T = completion_ids.shape[1]
+    used = int(mask.any(dim=0).nonzero().max()) + 1 if mask.any() else 0  # trailing all-pad columns are skipped
+    logprobs = torch.zeros(n, T, dtype=torch.float32, device=mask.device)
+    if used == 0:
+        return logprobs
+    input_ids = torch.cat([prompt_ids, completion_ids[:, :used]], dim=1)  # [n, P + used]
+    attention_mask = torch.cat([batch["prompt_mask"], torch.ones_like(completion_ids[:, :used])], dim=1)
+    # Left padding: positions count real tokens only, exactly as generate numbered them.
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    backbone = model.get_base_model().get_decoder()  # the transformer without lm_head: no logits
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      use_cache=False).last_hidden_state  # [n, P + used, H]
+    hidden = hidden[:, P - 1 : P + used - 1]  # [n, used, H]: position t predicts completion token t
+    keep = mask.bool()  # [n, T]; its columns >= used are all False, so both selections list the same tokens
+    lm_head = model.get_output_embeddings().weight  # [V, H]
+    flat = token_logprobs(hidden[keep[:, :used]], lm_head, completion_ids[keep], temperature, memory_mb=memory_mb)
+    logprobs[keep] = flat  # [n, T]: only real completion tokens reach the gather; the rest stay 0, no gradient
+    return logprobs
+
+
+# -----------------------------------------------------------------------------
+# GRPO core: advantages and loss. Variants go here.
+
+
+def group_advantages(rewards, group_size, scale=True, eps=1e-4):
+    """Â_i = (R_i - mean of its group) / (std of its group + eps); rewards [B*G] with each group's G
+    completions contiguous. scale=False leaves out the division (Dr. GRPO). A group with identical
+    rewards gets exactly 0: it says nothing about which completion is better."""
+    grouped = rewards.view(-1, group_size)  # [B, G]
+    centered = grouped - grouped.mean(dim=1, keepdim=True)  # [B, G]
+    if scale:
+        # Sample std (Bessel), as the paper's std(r) and TRL's. eps keeps a near-zero std finite.
+        centered = centered / (grouped.std(dim=1, keepdim=True) + eps)
+    zero_std = (grouped == grouped[:, :1]).all(dim=1, keepdim=True)  # [B, 1]
+    return torch.where(zero_std, torch.zeros_like(centered), centered).view(-1)  # [B*G]
+
+
+def loss_denominator(mask, agg, max_new_tokens=None):
+    """The normalizer of each aggregation, for the whole batch (so micro-batches sum to the same loss).
+    seq: sequences with at least one trained token; token: trained tokens; dr_grpo: N·max_new_tokens."""
+    if agg == "seq":
+        return float((mask.sum(dim=1) > 0).sum().clamp(min=1))
+    if agg == "token":
+        return float(mask.sum().clamp(min=1))
+    return float(mask.shape[0] * (max_new_tokens or mask.shape[1]))
+
+
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_low=0.2, clip_high=0.2, beta=0.04, agg="seq",
+              denominator=None):
+    """The negated GRPO objective. logp/old_logp/ref_logp/mask [N, T], advantages [N]; ref_logp may be
+    None when beta == 0. denominator: the batch-wide normalizer (loss_denominator) when this is one
+    micro-batch of a larger batch; None computes it from this batch. Returns (loss, stats)."""
+    A = advantages[:, None]  # [N, 1], one advantage for every token of a completion
+    ratio = torch.exp(logp - old_logp)  # [N, T], π_θ / π_old; exactly 1 when old_logp = logp.detach()
+    ratio_clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high)  # [N, T]
+    surrogate = torch.minimum(ratio * A, ratio_clipped * A)  # [N, T], PPO's pessimistic bound
+    if beta != 0:
+        log_ratio_ref = ref_logp - logp  # [N, T]
+        kl = torch.exp(log_ratio_ref) - log_ratio_ref - 1  # [N, T], k3 >= 0, unbiased for KL(π_θ‖π_ref)
+    else:
+        kl = torch.zeros_like(logp)
+    per_token_objective = surrogate - beta * kl  # [N, T]
+    per_token_loss = -per_token_objective * mask  # [N, T]: maximise the objective = minimise its negative
+    if agg == "seq":
+        # GRPO paper: 1/|o_i| Σ_t within each sequence, then 1/G Σ_i over sequences.
+        summed = (per_token_loss.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).sum()
+    else:
+        # DAPO "token": Σ over all tokens / number of tokens; Dr. GRPO: Σ / constant (B·G·max_new_tokens)
+        summed = per_token_loss.sum()
+    if denominator is None:
+        denominator = loss_denominator(mask, agg)
+    loss = summed / denominator
+    with torch.no_grad():  # diagnostics, on trained tokens only
+        tokens = mask.sum().clamp(min=1)
+        clipped_low = (ratio < 1 - clip_low) & (A < 0)  # tokens whose gradient the clip switched off
+        clipped_high = (ratio > 1 + clip_high) & (A > 0)
+        stats = {"kl": float((kl * mask).sum() / tokens),
+                 "clip_frac_low": float((clipped_low * mask).sum() / tokens),
+                 "clip_frac_high": float((clipped_high * mask).sum() / tokens),
+                 "ratio_mean": float((ratio * mask).sum() / tokens),
+                 "tokens": float(mask.sum())}
+        stats["clip_frac"] = stats["clip_frac_low"] + stats["clip_frac_high"]
+    return loss, stats
+
+
+# -----------------------------------------------------------------------------
+# Update: accumulate the micro-batch gradients of one batch, then one AdamW step. Plumbing + trap notes.
+
+
+def micro_batches(batch, size):
+    n = batch["completion_ids"].shape[0]
+    for start in range(0, n, size):
+        yield {k: v[start : start + size] for k, v in batch.items()}
+
+
+@torch.no_grad()
+def batch_logprobs(model, batch, args: Args, temperature, reference=False):
+    """Log-probs [N, T] of a whole batch without gradient: π_old (μ > 1) or, with adapters off, π_ref."""
+    results = []
+    for micro in micro_batches(batch, args.micro_batch):
+        if reference:
+            with model.disable_adapter():  # the frozen base: the same 4-bit weights, LoRA switched off
+                results.append(sequence_logprobs(model, micro, temperature, args.logprob_memory_mb))
+        else:
+            results.append(sequence_logprobs(model, micro, temperature, args.logprob_memory_mb))
+    return torch.cat(results)
+
+
+def accumulate_gradients(model, batch, args: Args, temperature, denominator):
+    """Forward + backward every micro-batch of batch (tensors on the model's device; batch["loss_mask"]
+    selects trained tokens). Because each micro-batch loss is divided by the batch-wide denominator,
+    the summed gradients equal the gradient of the whole-batch loss. Returns token-weighted stats."""
+    totals = {}
+    for micro in micro_batches(batch, args.micro_batch):
+        logp = sequence_logprobs(model, micro, temperature, args.logprob_memory_mb)  # [n, T], with grad
+        # μ = 1: π_old is the policy right now, so old = logp.detach() and the ratio is exactly 1.
+        old_logp = micro["old_logp"] if "old_logp" in micro else logp.detach()
+        loss, stats = grpo_loss(logp, old_logp, micro.get("ref_logp"), micro["advantages"], micro["loss_mask"],
+                                args.clip_low, args.clip_high, args.beta, args.agg, denominator)
+        loss.backward()
+        stats["loss"] = float(loss.detach()) * denominator  # un-normalised, so the sums below add up
+        for key, value in stats.items():
+            weight = 1.0 if key in ("loss", "tokens") else stats["tokens"]
+            totals[key] = totals.get(key, 0.0) + value * weight
+    tokens = max(totals.get("tokens", 0.0), 1.0)
+    return {k: (v / denominator if k == "loss" else v if k == "tokens" else v / tokens) for k, v in totals.items()}
+
+
+# -----------------------------------------------------------------------------
+# Schedules: sampling temperature and learning rate as pure functions of the step.
+
+
+def temperature_at(step, args: Args) -> float:
+    """Linear from --temperature to --temperature-end over the run (constant when the end is < 0)."""
+    if args.temperature_end < 0 or args.steps == 1:
+        return args.temperature
+    return args.temperature + (args.temperature_end - args.temperature) * step / (args.steps - 1)
+
+
+def lr_factor(optimizer_step, args: Args) -> float:
+    """Linear warmup, then cosine to 0 or constant; counted in optimizer steps (steps × μ)."""
+    warmup = args.warmup_steps * args.num_iterations
+    if optimizer_step < warmup:
+        return (optimizer_step + 1) / warmup
+    if args.lr_schedule == "constant":
+        return 1.0
+    progress = (optimizer_step - warmup) / max(1, args.steps * args.num_iterations - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# -----------------------------------------------------------------------------
+# Distributed (torchrun): data parallel. Each rank generates and scores its own whole groups; only the
+# adapter gradients cross the network. A single process skips all of this.
+
+
+def all_gather(value):
+    """A list of every rank's value (a one-element list without torchrun)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def all_reduce_gradients(parameters):
+    """Sum the adapter gradients of all ranks in place, as one flat buffer. Summing (not averaging) is
+    right because every rank divided its loss by the global denominator. We all-reduce by hand rather
+    than wrap the model in DDP: the trainable set is a few LoRA tensors, accumulation is explicit, and
+    there is no hook to reason about."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+    flat = torch.cat([g.flatten() for g in grads])  # ~2 bytes... 4 bytes × trainable parameters
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    for p, chunk in zip(parameters, flat.split([g.numel() for g in grads])):
+        p.grad = chunk.view_as(p).clone()
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: greedy pass@1 on held-out items, strict (\boxed{} only) and lenient (last number too).
+
+
+def evaluate(model, tokenizer, items, args: Args, eos_ids, pool, rank=0, world_size=1) -> dict:
+    """Each rank evaluates items[rank::world_size]; the counts are gathered so every rank returns the
+    same numbers."""
+    shard = items[rank::world_size]
+    strict = lenient = formatted = 0.0
+    if shard:
+        prompts = [build_prompt(item, tokenizer, args.chat_template) for item in shard]
+        texts = generate(model, tokenizer, prompts, args, eos_ids, temperature=1.0, greedy=True)["texts"]
+
+        def score_one(pair):
+            text, item = pair
+            if "tests" in item:
+                passed = code_reward(text, item["tests"], timeout=args.code_timeout)
+                return passed, passed, format_reward(text, kind="code")
+            return (math_reward(text, item["answer"], strict=True), math_reward(text, item["answer"], strict=False),
+                    format_reward(text, kind="math"))
+        scores = list(pool.map(score_one, zip(texts, shard)))
+        strict, lenient, formatted = (sum(column) for column in zip(*scores))
+    totals = np.sum(all_gather([strict, lenient, formatted, len(shard)]), axis=0)
+    n = max(totals[3], 1)
+    return {"eval/accuracy_strict": totals[0] / n, "eval/accuracy_lenient": totals[1] / n,
+            "eval/format_rate": totals[2] / n, "eval/n": int(totals[3])}
+
+
+# -----------------------------------------------------------------------------
+# Logging: one line per step, metrics.jsonl, samples.jsonl. Names are documented in the README.
+
+# Phrases of self-verification and backtracking, the "aha" behaviours GRPO runs are watched for
+# (DeepSeek-R1, sec. 2.2.4). A completion counts once if it contains any of them.
+REFLECTION_PATTERN = re.compile(r"\b(wait|let me (?:check|verify|re-?check|re-?evaluate|think again)|verify|"
+                                r"double[- ]check|re-?check|on second thought|i made a mistake|actually)\b",
+                                re.IGNORECASE)
+
+
+def peak_memory_gib(device) -> float:
+    """CUDA: peak allocated since the last reset; CPU: the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def format_step_line(m, steps) -> str:
+    return (f"step {m['step']}/{steps} | reward {m['reward/mean']:.3f} ± {m['reward/std']:.3f} "
+            f"| acc {m['reward/correct']:.3f} | fmt {m['reward/format']:.2f} "
+            f"| len {m['completions/mean_length']:.0f}/{m['completions/max_length']} "
+            f"| trunc {m['completions/truncated_frac']:.2f} | zero-std {m['groups/zero_std_frac']:.2f} "
+            f"| kl {m['loss/kl']:.4f} | clip {m['loss/clip_frac']:.3f} | lr {m['optim/lr']:.2e} "
+            f"| temp {m['rollout/temperature']:.2f} | gen {m['time/generate_s']:.1f}s "
+            f"| train {m['time/train_s']:.1f}s | {m['throughput/generated_tokens_per_s']:.0f} tok/s "
+            f"| mem {m['memory/peak_gib']:.1f} GiB")
+
+
+def append_jsonl(path, records):
+    with open(path, "a", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+
+
+def plot_metrics(run_dir):
+    """metrics.jsonl -> metrics.png: reward, accuracy, completion length and KL against the step."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        fail("--plot needs matplotlib, an optional dependency: pip install matplotlib")
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        fail(f"--plot: {path} does not exist")
+    with open(path, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    panels = [("reward/mean", "reward"), ("reward/correct", "accuracy (train)"), ("eval/accuracy_strict", "eval accuracy"),
+              ("completions/mean_length", "completion length"), ("loss/kl", "KL to reference")]
+    figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
+    for axis, (key, title) in zip(axes, panels):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        if points:
+            axis.plot(*zip(*points), marker="." if len(points) < 30 else None)
+        axis.set_title(title)
+        axis.set_xlabel("step")
+    figure.tight_layout()
+    figure.savefig(os.path.join(run_dir, "metrics.png"), dpi=100)
+    print(f"wrote {os.path.join(run_dir, 'metrics.png')}")
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: the adapter in peft's format + optimizer/scheduler/RNG/step, written to a temporary
+# directory and renamed, so a crash mid-save never damages the previous checkpoint.
+
+CHECKPOINT_FILES = ("adapter_model.safetensors", "adapter_config.json", "trainer_state.pt", "args.json")
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir, step, model, optimizer, scheduler, args: Args, keep_last):
+    checkpoints = os.path.join(run_dir, "checkpoints")
+    final = os.path.join(checkpoints, f"step_{step:06d}")
+    if os.path.isdir(final):
+        return final  # this step is already saved (e.g. a periodic save that is also the last step)
+    temporary = final + ".tmp"
+    shutil.rmtree(temporary, ignore_errors=True)  # leftovers of a crash during an earlier save
+    model.save_pretrained(temporary)  # adapter_model.safetensors + adapter_config.json (PeftModel.from_pretrained)
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": rng_state(), "data_position": step * args.prompts_per_step},
+               os.path.join(temporary, "trainer_state.pt"))
+    with open(os.path.join(temporary, "args.json"), "w") as f:
+        json.dump(dataclasses.asdict(args), f, indent=2)
+    os.replace(temporary, final)  # atomic: the checkpoint appears whole or not at all
+    for old in sorted(d for d in os.listdir(checkpoints) if d.startswith("step_") and not d.endswith(".tmp"))[:-keep_last]:
+        shutil.rmtree(os.path.join(checkpoints, old))
+    return final
+
+
+def latest_checkpoint(run_dir):
+    """The newest complete-looking checkpoint of a run; refuses a partial one with a clear message."""
+    checkpoints = os.path.join(run_dir, "checkpoints")
+    names = sorted(d for d in os.listdir(checkpoints) if d.startswith("step_") and not d.endswith(".tmp")) \
+        if os.path.isdir(checkpoints) else []
+    if not names:
+        fail(f"--resume {run_dir}: no checkpoint in {checkpoints}")
+    path = os.path.join(checkpoints, names[-1])
+    missing = [name for name in CHECKPOINT_FILES if not os.path.isfile(os.path.join(path, name))]
+    if missing:
+        fail(f"checkpoint {path} is incomplete (missing {', '.join(missing)}); delete it to resume from the one before")
+    return path
+
+
+def check_resume_args(path, args: Args):
+    """Refuse to continue a run under a config that would change what its checkpoint means."""
+    try:
+        with open(os.path.join(path, "args.json")) as f:
+            saved = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        fail(f"checkpoint {path}: args.json is unreadable ({e})")
+    differences = [f"--{k.replace('_', '-')} {saved.get(k)!r} (checkpoint) vs {getattr(args, k)!r} (now)"
+                   for k in RESUME_MUST_MATCH if saved.get(k) != getattr(args, k)]
+    if differences:
+        fail(f"--resume: the run was made with a different config: {'; '.join(differences)}")
+
+
+def load_checkpoint(path, model, optimizer, scheduler) -> dict:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    try:
+        adapter = load_file(os.path.join(path, "adapter_model.safetensors"))
+        # Our own file, holding numpy/python RNG states: not loadable with weights_only.
+        state = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=False)
+        result = set_peft_model_state_dict(model, adapter)
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"unexpected adapter tensors {result.unexpected_keys[:3]}")
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    except Exception as e:  # truncated safetensors, bad pickle, wrong shapes: all mean "corrupt"
+        fail(f"checkpoint {path} is corrupt or does not fit this model ({type(e).__name__}: {str(e)[:200]})")
+    set_rng_state(state["rng"])
+    return state
+
+
+# -----------------------------------------------------------------------------
+# The training loop.
+
+
+def main(args: Args):
+    """Train (or evaluate, or plot). Returns {"model", "metrics"} so tests and notebooks can look inside."""
+    if args.plot:
+        return plot_metrics(args.plot)
+    # torchrun sets these; a plain `python grpo.py` is rank 0 of 1.
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    check_args(args, world_size)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    is_main = rank == 0
+    log = print if is_main else (lambda *a, **k: None)
+
+    # Seeding: every rank sees the same prompts (batch_indices uses args.seed) but samples differently.
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
+
+    resume_from = None
+    if args.resume:
+        resume_from = latest_checkpoint(args.resume)
+        check_resume_args(resume_from, args)
+        args.out_dir, args.run_name = os.path.split(os.path.abspath(args.resume.rstrip("/")))
+    run_name = args.run_name or time.strftime("grpo-%Y%m%d-%H%M%S")
+    run_dir = os.path.join(args.out_dir, run_name)
+    train_items = [] if args.eval_only else load_items(args.data)
+    eval_items = load_items(args.eval_data) if (args.eval_every > 0 or args.eval_only) else []
+    eval_items = eval_items[: args.eval_n] if args.eval_n > 0 else eval_items
+    if train_items and args.prompts_per_step > len(train_items):
+        fail(f"--prompts-per-step {args.prompts_per_step} is more than the {len(train_items)} items in {args.data}")
+
+    model, tokenizer = load_model(args, device)
+    eos_ids = end_of_sequence_ids(model, tokenizer)
+    pool = ThreadPoolExecutor(args.reward_workers)
+    if args.eval_only:
+        result = evaluate(model, tokenizer, eval_items, args, eos_ids, pool, rank, world_size)
+        log(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
+        return {"model": model, "metrics": [result]}
+
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, args))
+    start_step = 0
+    if resume_from:
+        start_step = load_checkpoint(resume_from, model, optimizer, scheduler)["step"]
+        log(f"resumed {run_dir} from {resume_from} at step {start_step}")
+    local_prompts = args.prompts_per_step // world_size
+    sequences = args.prompts_per_step * args.group_size
+    log(f"batch: {args.prompts_per_step} prompts × G={args.group_size} = {sequences} sequences per step "
+        f"({local_prompts * args.group_size} per rank × {world_size} ranks), micro-batch {args.micro_batch} "
+        f"-> {math.ceil(local_prompts * args.group_size / args.micro_batch)} forward/backward per rank, "
+        f"μ={args.num_iterations}, {args.steps} steps = {args.steps * args.num_iterations} optimizer steps, "
+        f"{len(train_items)} training items ({args.steps * args.prompts_per_step / len(train_items):.2f} epochs)")
+    metrics_path, samples_path = os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "samples.jsonl")
+    if is_main:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump(dataclasses.asdict(args), f, indent=2)
+        log(f"run directory {run_dir}")
+
+    # SIGINT/SIGTERM: finish the current step, save, exit cleanly. A second Ctrl-C stops at once.
+    stop = {"requested": False}
+    def request_stop(signum, frame):
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        log(f"signal {signum}: stopping after this step and saving a checkpoint")
+    previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    history, bad_steps, step = [], 0, start_step
+    try:
+        if eval_items and start_step == 0:
+            history.append({"step": 0, **evaluate(model, tokenizer, eval_items, args, eos_ids, pool, rank, world_size)})
+            log(f"eval step 0 | acc strict {history[-1]['eval/accuracy_strict']:.3f} "
+                f"| lenient {history[-1]['eval/accuracy_lenient']:.3f} | format {history[-1]['eval/format_rate']:.3f}")
+            if is_main:
+                append_jsonl(metrics_path, history[-1:])
+        for step in range(start_step, args.steps):
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            step_start = time.time()
+            temperature = temperature_at(step, args)
+
+            # 1. Rollout: this rank's share of the step's prompts, each repeated G times (groups contiguous).
+            indices = batch_indices(step, args.prompts_per_step, len(train_items), args.seed)
+            items = [train_items[i] for i in indices[rank * local_prompts : (rank + 1) * local_prompts]]
+            group_items = [item for item in items for _ in range(args.group_size)]
+            prompts = [build_prompt(item, tokenizer, args.chat_template) for item in group_items]
+            rollout = generate(model, tokenizer, prompts, args, eos_ids, temperature, log=log)
+            generate_seconds = time.time() - step_start
+
+            # 2. Rewards (verify.py) and 3. group advantages.
+            scores = score(rollout["texts"], group_items, args, pool)
+            rewards = scores["rewards"].clone()  # [N]
+            truncated = rollout["truncated"]  # [N]
+            if args.overlong == "penalty":
+                rewards = rewards - args.overlong_penalty * truncated.float()
+            advantages = group_advantages(rewards, args.group_size, scale=args.scale_advantages)  # [N]
+            zero_std = (rewards.view(-1, args.group_size) == rewards.view(-1, args.group_size)[:, :1]).all(dim=1)  # [B]
+            # The loss mask: completion tokens, minus masked-out truncations and dropped groups.
+            keep = torch.ones_like(rewards, dtype=torch.bool)  # [N]
+            if args.overlong == "mask":
+                keep &= ~truncated
+            if args.drop_zero_std_groups:
+                keep &= ~zero_std.repeat_interleave(args.group_size)
+            batch = {"prompt_ids": rollout["prompt_ids"], "prompt_mask": rollout["prompt_mask"],
+                     "completion_ids": rollout["completion_ids"], "completion_mask": rollout["completion_mask"],
+                     "loss_mask": rollout["completion_mask"] * keep[:, None].float(), "advantages": advantages}
+            batch = {k: v.to(device) for k, v in batch.items()}
+
+            # 4. Reference (adapters off) and, for μ > 1, old log-probs: computed once, before any update.
+            reference_start = time.time()
+            if args.beta != 0:
+                batch["ref_logp"] = batch_logprobs(model, batch, args, temperature, reference=True)
+            if args.num_iterations > 1:
+                batch["old_logp"] = batch_logprobs(model, batch, args, temperature)
+            reference_seconds = time.time() - reference_start
+
+            # 5. μ optimizer steps on this batch. The denominator is global: summed over ranks.
+            train_start = time.time()
+            local = loss_denominator(batch["loss_mask"], args.agg, args.max_new_tokens)
+            denominator = sum(all_gather(local))
+            for _ in range(args.num_iterations):
+                optimizer.zero_grad(set_to_none=True)
+                stats = accumulate_gradients(model, batch, args, temperature, denominator)
+                all_reduce_gradients(parameters)
+                grad_norm = torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm if args.max_grad_norm > 0 else float("inf"))
+                if not (math.isfinite(stats.get("loss", 0.0)) and torch.isfinite(grad_norm)):
+                    # Skip the update: one bad batch must not poison the adapters (and Adam's moments).
+                    bad_steps += 1
+                    optimizer.zero_grad(set_to_none=True)
+                    log(f"step {step + 1}: non-finite loss or gradient, update skipped ({bad_steps} in a row)")
+                    if bad_steps >= args.max_bad_steps:
+                        fail(f"{bad_steps} non-finite steps in a row: stopping. The last good checkpoint is in "
+                             f"{run_dir}/checkpoints; try a lower --lr or --max-grad-norm")
+                    break
+                bad_steps = 0
+                optimizer.step()
+                scheduler.step()
+            train_seconds = time.time() - train_start
+
+            # 6. Metrics over all ranks, one line, samples.
+            gathered = all_gather({"rewards": rewards.tolist(), "correct": scores["correct"].tolist(),
+                                   "formatted": scores["formatted"].tolist(),
+                                   "lengths": rollout["completion_mask"].sum(1).int().tolist(),
+                                   "truncated": truncated.tolist(), "zero_std": zero_std.tolist(),
+                                   "reflection": [bool(REFLECTION_PATTERN.search(t)) for t in rollout["texts"]],
+                                   "stats": stats})
+            every = {key: np.concatenate([g[key] for g in gathered]) for key in gathered[0] if key != "stats"}
+            tokens = [g["stats"].get("tokens", 0.0) for g in gathered]
+            def token_mean(key):
+                return float(np.average([g["stats"].get(key, 0.0) for g in gathered], weights=tokens)) if sum(tokens) else 0.0
+            step_seconds = time.time() - step_start
+            metrics = {"step": step + 1, "reward/mean": float(every["rewards"].mean()), "reward/std": float(every["rewards"].std()),
+                       "reward/correct": float(every["correct"].mean()), "reward/format": float(every["formatted"].mean()),
+                       "completions/mean_length": float(every["lengths"].mean()), "completions/max_length": int(every["lengths"].max()),
+                       "completions/truncated_frac": float(every["truncated"].mean()),
+                       "groups/zero_std_frac": float(every["zero_std"].mean()),
+                       "groups/dropped": int(every["zero_std"].sum()) if args.drop_zero_std_groups else 0,
+                       "behaviour/reflection_rate": float(every["reflection"].mean()),
+                       "loss/value": sum(g["stats"].get("loss", 0.0) for g in gathered), "loss/kl": token_mean("kl"),
+                       "loss/clip_frac": token_mean("clip_frac"), "loss/clip_frac_low": token_mean("clip_frac_low"),
+                       "loss/clip_frac_high": token_mean("clip_frac_high"), "loss/ratio_mean": token_mean("ratio_mean"),
+                       "loss/grad_norm": float(grad_norm), "loss/trained_tokens": int(sum(tokens)),
+                       "optim/lr": scheduler.get_last_lr()[0], "rollout/temperature": temperature,
+                       "time/generate_s": generate_seconds, "time/reference_s": reference_seconds,
+                       "time/train_s": train_seconds, "time/step_s": step_seconds,
+                       "throughput/generated_tokens_per_s": float(every["lengths"].sum()) / max(generate_seconds, 1e-9) / world_size,
+                       "memory/peak_gib": max(all_gather(peak_memory_gib(device)))}
+            log(format_step_line(metrics, args.steps))
+            if is_main:
+                append_jsonl(metrics_path, [metrics])
+                append_jsonl(samples_path, [{"step": step + 1, "prompt": prompts[i], "completion": rollout["texts"][i],
+                                             "reward": float(rewards[i]), "advantage": float(advantages[i]),
+                                             "truncated": bool(truncated[i])}
+                                            for i in range(min(args.samples_per_step, len(prompts)))])
+                if args.sample_every and (step + 1) % args.sample_every == 0:
+                    log(f"--- sample (reward {float(rewards[0]):.2f}, advantage {float(advantages[0]):+.2f}) ---\n"
+                        f"{rollout['texts'][0][:600]}\n---")
+            history.append(metrics)
+
+            last = step + 1 == args.steps or stop["requested"]
+            if eval_items and args.eval_every > 0 and ((step + 1) % args.eval_every == 0 or last):
+                result = {"step": step + 1, **evaluate(model, tokenizer, eval_items, args, eos_ids, pool, rank, world_size)}
+                log(f"eval step {step + 1} | acc strict {result['eval/accuracy_strict']:.3f} "
+                    f"| lenient {result['eval/accuracy_lenient']:.3f} | format {result['eval/format_rate']:.3f}")
+                history.append(result)
+                if is_main:
+                    append_jsonl(metrics_path, [result])
+            if is_main and (last or (args.save_every > 0 and (step + 1) % args.save_every == 0)):
+                log(f"saved {save_checkpoint(run_dir, step + 1, model, optimizer, scheduler, args, args.keep_last)}")
+            if stop["requested"]:
+                break
+    finally:
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
+        pool.shutdown()
+    return {"model": model, "metrics": history}
+
+
+if __name__ == "__main__":
+    main(parse_args())
