@@ -278,16 +278,20 @@ def count_parameters(model_name) -> int:
     return sum(p.numel() for p in meta_model.parameters())
 
 
+def check_model_fits(args: Args, device):
+    """Say so before loading anything when a multi-billion-parameter model is asked for without a GPU."""
+    num_parameters = count_parameters(args.model)
+    if device.type != "cuda" and num_parameters > 2e9:
+        fail(f"--model {args.model} has {num_parameters / 1e9:.1f}B parameters and this machine has no GPU: "
+             "train it on a CUDA GPU, or try the tiny CPU run (python tiny.py learn)")
+
+
 def load_model(args: Args, device: torch.device):
     """4-bit NF4 base + LoRA (QLoRA, Dettmers et al. 2023). Returns (peft model, tokenizer)."""
     import bitsandbytes as bnb
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    num_parameters = count_parameters(args.model)
-    if device.type != "cuda" and num_parameters > 2e9:
-        fail(f"--model {args.model} has {num_parameters / 1e9:.1f}B parameters and this machine has no GPU: "
-             "train it on a CUDA GPU, or try the tiny CPU run (python tiny.py learn)")
     # bf16 compute on GPU; float32 on CPU, where bf16 matmuls are slow or missing.
     compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -644,7 +648,7 @@ def all_reduce_gradients(parameters):
     if not (dist.is_available() and dist.is_initialized()):
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
-    flat = torch.cat([g.flatten() for g in grads])  # ~2 bytes... 4 bytes × trainable parameters
+    flat = torch.cat([g.flatten() for g in grads])  # float32: 4 bytes × 68.8M adapter parameters = 275 MB at 14B, r=16
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     for p, chunk in zip(parameters, flat.split([g.numel() for g in grads])):
         p.grad = chunk.view_as(p).clone()
@@ -746,6 +750,12 @@ def plot_metrics(run_dir):
 CHECKPOINT_FILES = ("adapter_model.safetensors", "adapter_config.json", "trainer_state.pt", "args.json")
 
 
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -761,7 +771,8 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir, step, model, optimizer, scheduler, args: Args, keep_last):
+def save_checkpoint(run_dir, step, model, optimizer, scheduler, args: Args, keep_last, rng_states):
+    """rng_states: one rng_state() per rank (each rank samples with its own generator)."""
     checkpoints = os.path.join(run_dir, "checkpoints")
     final = os.path.join(checkpoints, f"step_{step:06d}")
     if os.path.isdir(final):
@@ -770,7 +781,7 @@ def save_checkpoint(run_dir, step, model, optimizer, scheduler, args: Args, keep
     shutil.rmtree(temporary, ignore_errors=True)  # leftovers of a crash during an earlier save
     model.save_pretrained(temporary)  # adapter_model.safetensors + adapter_config.json (PeftModel.from_pretrained)
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": rng_state(), "data_position": step * args.prompts_per_step},
+                "rng": rng_states, "data_position": step * args.prompts_per_step},
                os.path.join(temporary, "trainer_state.pt"))
     with open(os.path.join(temporary, "args.json"), "w") as f:
         json.dump(dataclasses.asdict(args), f, indent=2)
@@ -807,7 +818,7 @@ def check_resume_args(path, args: Args):
         fail(f"--resume: the run was made with a different config: {'; '.join(differences)}")
 
 
-def load_checkpoint(path, model, optimizer, scheduler) -> dict:
+def load_checkpoint(path, model, optimizer, scheduler, rank=0, world_size=1) -> dict:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
     try:
@@ -821,7 +832,10 @@ def load_checkpoint(path, model, optimizer, scheduler) -> dict:
         scheduler.load_state_dict(state["scheduler"])
     except Exception as e:  # truncated safetensors, bad pickle, wrong shapes: all mean "corrupt"
         fail(f"checkpoint {path} is corrupt or does not fit this model ({type(e).__name__}: {str(e)[:200]})")
-    set_rng_state(state["rng"])
+    if len(state["rng"]) != world_size:
+        fail(f"checkpoint {path} was written by {len(state['rng'])} ranks: resume it with the same number of ranks "
+             f"(now {world_size})")
+    set_rng_state(state["rng"][rank])
     return state
 
 
@@ -846,16 +860,14 @@ def main(args: Args):
     is_main = rank == 0
     log = print if is_main else (lambda *a, **k: None)
 
-    # Seeding: every rank sees the same prompts (batch_indices uses args.seed) but samples differently.
-    random.seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
-    torch.manual_seed(args.seed + rank)
+    seed_everything(args.seed)  # the same on every rank, so the LoRA initialisation is identical
 
     resume_from = None
     if args.resume:
         resume_from = latest_checkpoint(args.resume)
         check_resume_args(resume_from, args)
-        args.out_dir, args.run_name = os.path.split(os.path.abspath(args.resume.rstrip("/")))
+        out_dir, run_name = os.path.split(os.path.abspath(args.resume.rstrip("/")))
+        args = dataclasses.replace(args, out_dir=out_dir, run_name=run_name)  # the caller's args stay as they were
     run_name = args.run_name or time.strftime("grpo-%Y%m%d-%H%M%S")
     run_dir = os.path.join(args.out_dir, run_name)
     train_items = [] if args.eval_only else load_items(args.data)
@@ -863,8 +875,11 @@ def main(args: Args):
     eval_items = eval_items[: args.eval_n] if args.eval_n > 0 else eval_items
     if train_items and args.prompts_per_step > len(train_items):
         fail(f"--prompts-per-step {args.prompts_per_step} is more than the {len(train_items)} items in {args.data}")
+    check_model_fits(args, device)
 
     model, tokenizer = load_model(args, device)
+    # Every rank sees the same prompts (batch_indices uses args.seed) but samples its completions with its own seed.
+    seed_everything(args.seed + rank)
     eos_ids = end_of_sequence_ids(model, tokenizer)
     pool = ThreadPoolExecutor(args.reward_workers)
     if args.eval_only:
@@ -877,8 +892,9 @@ def main(args: Args):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, args))
     start_step = 0
     if resume_from:
-        start_step = load_checkpoint(resume_from, model, optimizer, scheduler)["step"]
+        start_step = load_checkpoint(resume_from, model, optimizer, scheduler, rank, world_size)["step"]
         log(f"resumed {run_dir} from {resume_from} at step {start_step}")
+    log("config: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in dataclasses.asdict(args).items()))
     local_prompts = args.prompts_per_step // world_size
     sequences = args.prompts_per_step * args.group_size
     log(f"batch: {args.prompts_per_step} prompts × G={args.group_size} = {sequences} sequences per step "
@@ -960,7 +976,9 @@ def main(args: Args):
                 stats = accumulate_gradients(model, batch, args, temperature, denominator)
                 all_reduce_gradients(parameters)
                 grad_norm = torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm if args.max_grad_norm > 0 else float("inf"))
-                if not (math.isfinite(stats.get("loss", 0.0)) and torch.isfinite(grad_norm)):
+                # grad_norm is global after the all-reduce; the losses are gathered: every rank decides alike.
+                losses = all_gather(stats.get("loss", 0.0))
+                if not (all(math.isfinite(loss) for loss in losses) and torch.isfinite(grad_norm)):
                     # Skip the update: one bad batch must not poison the adapters (and Adam's moments).
                     bad_steps += 1
                     optimizer.zero_grad(set_to_none=True)
@@ -1014,6 +1032,8 @@ def main(args: Args):
                         f"{rollout['texts'][0][:600]}\n---")
             history.append(metrics)
 
+            # A signal may reach the ranks at different moments: stop when any rank has one, all at this step.
+            stop["requested"] = any(all_gather(stop["requested"]))
             last = step + 1 == args.steps or stop["requested"]
             if eval_items and args.eval_every > 0 and ((step + 1) % args.eval_every == 0 or last):
                 result = {"step": step + 1, **evaluate(model, tokenizer, eval_items, args, eos_ids, pool, rank, world_size)}
@@ -1022,8 +1042,11 @@ def main(args: Args):
                 history.append(result)
                 if is_main:
                     append_jsonl(metrics_path, [result])
-            if is_main and (last or (args.save_every > 0 and (step + 1) % args.save_every == 0)):
-                log(f"saved {save_checkpoint(run_dir, step + 1, model, optimizer, scheduler, args, args.keep_last)}")
+            if last or (args.save_every > 0 and (step + 1) % args.save_every == 0):
+                rng_states = all_gather(rng_state())
+                if is_main:
+                    path = save_checkpoint(run_dir, step + 1, model, optimizer, scheduler, args, args.keep_last, rng_states)
+                    log(f"saved {path}")
             if stop["requested"]:
                 break
     finally:

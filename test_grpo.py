@@ -1,0 +1,764 @@
+"""Tests for grpo.py: each piece of math against a slow, obvious reference (loops, float64), properties
+named as sentences, and the real 4-bit + LoRA path end to end on a tiny random Qwen2 (CPU, offline).
+
+    python -m pytest -q
+"""
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import grpo
+import tiny
+
+ROOT = Path(__file__).resolve().parent
+SHARED = ROOT.parent / "shared"
+TOKENIZER = SHARED / "qwen2.5-tokenizer"
+GSM8K_TRAIN = SHARED / "data" / "gsm8k" / "train.jsonl"
+
+
+# -----------------------------------------------------------------------------
+# Fixtures: a tiny random Qwen2 with the real Qwen2.5 tokenizer, loaded through grpo.load_model.
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return tiny.build_tiny_model(str(tmp_path_factory.mktemp("tiny-qwen")), tokenizer_dir=str(TOKENIZER))
+
+
+def tiny_args(model_dir, **overrides) -> grpo.Args:
+    args = grpo.Args(model=model_dir, device="cpu", prompts_per_step=2, group_size=4, max_new_tokens=12,
+                     micro_batch=8, steps=2, eval_every=0, save_every=0, warmup_steps=0, lr=1e-2,
+                     sample_every=0, reward_workers=2)
+    return dataclasses.replace(args, **overrides)
+
+
+@pytest.fixture
+def model_and_tokenizer(tiny_model_dir):
+    return grpo.load_model(tiny_args(tiny_model_dir), torch.device("cpu"))
+
+
+def randomize_lora(model, seed=0, scale=0.05):
+    """LoRA B starts at 0, which makes policy == reference and zeroes A's gradient; tests that need a
+    generic policy give B small random values."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * scale)
+
+
+def rollout_batch(model, tokenizer, args, prompts=("What is 2 + 3?", "Name a colour.")):
+    """Real generate on the tiny model -> the batch dict the training step uses."""
+    eos_ids = grpo.end_of_sequence_ids(model, tokenizer)
+    texts = [grpo.build_prompt({"prompt": p, "answer": "1"}, tokenizer) for p in prompts for _ in range(args.group_size)]
+    torch.manual_seed(0)
+    rollout = grpo.generate(model, tokenizer, texts, args, eos_ids, temperature=1.0)
+    n = len(texts)
+    advantages = torch.linspace(-1.5, 1.5, n)
+    return {"prompt_ids": rollout["prompt_ids"], "prompt_mask": rollout["prompt_mask"],
+            "completion_ids": rollout["completion_ids"], "completion_mask": rollout["completion_mask"],
+            "loss_mask": rollout["completion_mask"].clone(), "advantages": advantages}
+
+
+def lora_grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+# -----------------------------------------------------------------------------
+# token_logprobs: the fused gather against a naive float64 log_softmax-gather.
+
+
+def naive_logprobs64(hidden, weight, targets, temperature):
+    logits = hidden.double() @ weight.double().T / temperature
+    return torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 1.3])
+@pytest.mark.parametrize("chunk_size", [7, 64, None])
+def test_token_logprobs_matches_float64_reference_in_value_and_gradient(dtype, tolerance, temperature, chunk_size):
+    torch.manual_seed(0)
+    N, H, V = 50, 16, 300  # chunk 7 does not divide 50
+    hidden = (torch.randn(N, H) * 2).to(dtype).requires_grad_()
+    weight = torch.randn(V, H).to(dtype).requires_grad_()  # requires grad, yet must get none
+    targets = torch.randint(0, V, (N,))
+    upstream = torch.randn(N)  # a generic incoming gradient, not all ones
+
+    fused = grpo.token_logprobs(hidden, weight, targets, temperature, chunk_size=chunk_size, memory_mb=1)
+    assert fused.dtype == torch.float32 and fused.shape == (N,)
+    (fused * upstream).sum().backward()
+
+    hidden64 = hidden.detach().double().requires_grad_()
+    reference = naive_logprobs64(hidden64, weight.detach(), targets, temperature)
+    (reference * upstream.double()).sum().backward()
+
+    # Values: the reference sees the same (bf16-rounded) inputs, so only float32 accumulation differs.
+    assert torch.allclose(fused.double(), reference, atol=1e-4 if dtype == torch.float32 else 1e-3)
+    scale = hidden64.grad.abs().max()
+    assert (hidden.grad.double() - hidden64.grad).abs().max() <= tolerance * scale
+    assert weight.grad is None  # lm_head is frozen: no [V, H] gradient is ever formed
+
+
+def test_token_logprobs_default_chunking_follows_the_memory_budget():
+    V = 151_936
+    rows = grpo.gather_chunk_rows(V, memory_mb=512)
+    assert rows * 3 * 4 * V <= 512 * 2**20 < (rows + 1) * 3 * 4 * V
+    assert grpo.gather_chunk_rows(V, memory_mb=0) == 1
+
+
+# -----------------------------------------------------------------------------
+# grpo_loss against a slow per-token loop.
+
+
+def slow_grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_low, clip_high, beta, agg, max_tokens):
+    """The GRPO objective one token at a time, in float64 python numbers."""
+    N, T = len(logp), len(logp[0])
+    per_sequence, total, tokens = [], 0.0, 0
+    for i in range(N):
+        sequence_sum, count = 0.0, 0
+        for t in range(T):
+            if not mask[i][t]:
+                continue
+            ratio = math.exp(logp[i][t] - old_logp[i][t])
+            clipped = min(max(ratio, 1 - clip_low), 1 + clip_high)
+            objective = min(ratio * advantages[i], clipped * advantages[i])
+            if beta:
+                d = ref_logp[i][t] - logp[i][t]
+                objective -= beta * (math.exp(d) - d - 1)
+            sequence_sum += -objective
+            count += 1
+        total += sequence_sum
+        tokens += count
+        if count:
+            per_sequence.append(sequence_sum / count)
+    if agg == "seq":
+        return sum(per_sequence) / max(len(per_sequence), 1)
+    if agg == "token":
+        return total / max(tokens, 1)
+    return total / (N * max_tokens)
+
+
+@pytest.mark.parametrize("agg", ["seq", "token", "dr_grpo"])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+@pytest.mark.parametrize("clip_low,clip_high", [(0.2, 0.2), (0.1, 0.28)])
+def test_grpo_loss_matches_per_token_loop(agg, beta, clip_low, clip_high):
+    torch.manual_seed(1)
+    N, T = 6, 9
+    logp = (torch.randn(N, T) - 2).double()
+    # Ratios far outside the clip range in both directions, and some inside it.
+    old_logp = logp + torch.randn(N, T).double() * 1.5
+    ref_logp = logp + torch.randn(N, T).double() * 0.3
+    advantages = torch.randn(N).double()
+    mask = (torch.rand(N, T) > 0.3).double()
+    mask[2] = 0  # a sequence with no trained token
+    logp.requires_grad_()
+    loss, stats = grpo.grpo_loss(logp, old_logp, ref_logp if beta else None, advantages, mask, clip_low, clip_high,
+                                 beta, agg, denominator=grpo.loss_denominator(mask, agg, T))
+    expected = slow_grpo_loss(logp.tolist(), old_logp.tolist(), ref_logp.tolist(), advantages.tolist(), mask.tolist(),
+                              clip_low, clip_high, beta, agg, T)
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    ratio = torch.exp(logp.detach() - old_logp)
+    assert ((ratio > 1 + clip_high) | (ratio < 1 - clip_low)).any()  # the clip really binds here
+    assert 0 < stats["clip_frac"] < 1
+
+
+def test_grpo_loss_gradient_matches_autograd_of_the_loop():
+    torch.manual_seed(2)
+    N, T = 4, 5
+    logp = (torch.randn(N, T) - 1).double().requires_grad_()
+    old_logp, ref_logp = logp.detach() + 0.4 * torch.randn(N, T).double(), logp.detach() + 0.2
+    advantages, mask = torch.randn(N).double(), torch.ones(N, T).double()
+    loss, _ = grpo.grpo_loss(logp, old_logp, ref_logp, advantages, mask, 0.2, 0.28, 0.1, "token")
+    (gradient,) = torch.autograd.grad(loss, logp)
+    epsilon = 1e-6  # central differences of the slow loop
+    for i, t in [(0, 0), (1, 3), (3, 4)]:
+        up, down = logp.detach().clone(), logp.detach().clone()
+        up[i, t] += epsilon
+        down[i, t] -= epsilon
+        numeric = (slow_grpo_loss(up.tolist(), old_logp.tolist(), ref_logp.tolist(), advantages.tolist(), mask.tolist(),
+                                  0.2, 0.28, 0.1, "token", T)
+                   - slow_grpo_loss(down.tolist(), old_logp.tolist(), ref_logp.tolist(), advantages.tolist(),
+                                    mask.tolist(), 0.2, 0.28, 0.1, "token", T)) / (2 * epsilon)
+        assert float(gradient[i, t]) == pytest.approx(numeric, rel=1e-5, abs=1e-8)
+
+
+def test_kl_is_zero_when_policies_match():
+    logp = torch.randn(3, 4) - 1
+    loss, stats = grpo.grpo_loss(logp, logp, logp.clone(), torch.zeros(3), torch.ones(3, 4), beta=0.5)
+    assert stats["kl"] == 0.0 and float(loss) == 0.0
+
+
+def test_ratio_is_one_and_clip_inactive_when_old_is_the_current_policy():
+    logp = torch.randn(3, 4, requires_grad=True)
+    _, stats = grpo.grpo_loss(logp, logp.detach(), None, torch.tensor([2.0, -3.0, 0.5]), torch.ones(3, 4), beta=0.0)
+    assert stats["ratio_mean"] == 1.0 and stats["clip_frac"] == 0.0
+
+
+# -----------------------------------------------------------------------------
+# Advantages.
+
+
+def test_group_advantages_match_hand_computation():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5, 2.0, 0.0, 1.0, 1.0])
+    advantages = grpo.group_advantages(rewards, group_size=4, scale=True, eps=1e-4)
+    # group 1: mean 0.5, sample std sqrt(((.5)^2 * 4) / 3) = 0.57735
+    std1 = math.sqrt(4 * 0.25 / 3)
+    expected1 = [(r - 0.5) / (std1 + 1e-4) for r in (1.0, 0.0, 0.0, 1.0)]
+    # group 3: mean 1.0, deviations (1, -1, 0, 0), sample std sqrt(2/3)
+    std3 = math.sqrt(2 / 3)
+    expected3 = [d / (std3 + 1e-4) for d in (1.0, -1.0, 0.0, 0.0)]
+    assert advantages[:4].tolist() == pytest.approx(expected1, rel=1e-6)
+    assert advantages[4:8].tolist() == [0.0, 0.0, 0.0, 0.0]
+    assert advantages[8:].tolist() == pytest.approx(expected3, rel=1e-6)
+    unscaled = grpo.group_advantages(rewards, group_size=4, scale=False)  # Dr. GRPO
+    assert unscaled[8:].tolist() == pytest.approx([1.0, -1.0, 0.0, 0.0])
+
+
+def test_zero_variance_group_gets_exactly_zero_advantage():
+    # 0.9 × 3 in float32: the mean is off by one ulp, so a naive (r - mean) / (std + eps) gives ±6e-4, not 0.
+    rewards = torch.tensor([0.9, 0.9, 0.9, 0.0, 0.0, 0.0])
+    assert grpo.group_advantages(rewards, 3).tolist() == [0.0] * 6
+    assert grpo.group_advantages(rewards, 3, scale=False).tolist() == [0.0] * 6
+
+
+# -----------------------------------------------------------------------------
+# Rollout masks.
+
+
+def test_completion_mask_keeps_the_first_eos_and_nothing_after_it_when_pad_equals_eos():
+    eos = 9
+    ids = torch.tensor([[5, 6, eos, eos, eos],    # finished; generate padded with pad == eos
+                        [5, eos, 7, 8, eos],      # only the first EOS counts
+                        [5, 6, 7, 8, 1],          # truncated: no EOS at all
+                        [eos, eos, eos, eos, eos]])  # EOS right away: that one token is trained
+    mask, truncated = grpo.completion_mask_from_ids(ids, [eos])
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert truncated.tolist() == [False, False, True, False]
+    mask, _ = grpo.completion_mask_from_ids(ids, [3, eos])  # several end tokens (chat end-of-turn + EOS)
+    assert mask[0].tolist() == [1, 1, 1, 0, 0]
+
+
+def test_generate_keeps_the_kv_cache_with_gradient_checkpointing_on(tiny_model_dir, model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    args = tiny_args(tiny_model_dir, max_new_tokens=6)
+    assert model.get_base_model().is_activation_checkpointing
+    lengths = []
+    decoder = model.get_base_model().get_decoder()
+    handle = decoder.register_forward_pre_hook(lambda m, a, kw: lengths.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        never = [model.config.vocab_size - 1]  # an unused padding row as EOS: the completions run to the end
+        out = grpo.generate(model, tokenizer, ["hello there"] * 2, args, never, temperature=1.0)
+    finally:
+        handle.remove()
+    assert out["completion_ids"].shape[1] == 6 and out["truncated"].all()
+    assert lengths[0] > 1 and lengths[1:] == [1] * 5  # after the prompt, one new token per forward: cache on
+    assert model.training  # generate restores train mode for the update
+
+
+# -----------------------------------------------------------------------------
+# The training step on the real 4-bit + LoRA model.
+
+
+def test_reference_and_policy_logprobs_agree_at_initialization(tiny_model_dir, model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer  # LoRA B = 0: the adapters add exactly nothing yet
+    args = tiny_args(tiny_model_dir)
+    batch = rollout_batch(model, tokenizer, args)
+    policy = grpo.batch_logprobs(model, batch, args, temperature=1.0)
+    reference = grpo.batch_logprobs(model, batch, args, temperature=1.0, reference=True)
+    assert torch.equal(policy, reference)
+    assert (policy[batch["completion_mask"].bool()] < 0).all()
+    randomize_lora(model)  # ...and the reference really is the adapter-free model
+    assert not torch.allclose(grpo.batch_logprobs(model, batch, args, 1.0), reference)
+    assert torch.equal(grpo.batch_logprobs(model, batch, args, 1.0, reference=True), reference)
+
+
+def test_logprobs_match_the_models_own_logits_at_the_sampling_temperature(tiny_model_dir, model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    randomize_lora(model)
+    args = tiny_args(tiny_model_dir)
+    batch = rollout_batch(model, tokenizer, args)
+    ours = grpo.batch_logprobs(model, batch, args, temperature=0.7)
+    input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    attention = torch.cat([batch["prompt_mask"], torch.ones_like(batch["completion_ids"])], 1)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=attention,
+                       position_ids=(attention.cumsum(1) - 1).clamp(min=0)).logits.double()
+    P = batch["prompt_ids"].shape[1]
+    reference = torch.log_softmax(logits[:, P - 1 : -1] / 0.7, -1).gather(2, batch["completion_ids"][..., None]).squeeze(2)
+    mask = batch["completion_mask"].bool()
+    assert torch.allclose(ours[mask].double(), reference[mask], atol=1e-4)
+    assert (ours[~mask] == 0).all()
+
+
+def test_micro_batches_give_the_same_gradient_as_the_whole_batch(tiny_model_dir, model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    randomize_lora(model)
+    args = tiny_args(tiny_model_dir, beta=0.04)
+    batch = rollout_batch(model, tokenizer, args)
+    batch["loss_mask"][1] = 0  # a masked-out (e.g. truncated) sequence
+    batch["ref_logp"] = grpo.batch_logprobs(model, batch, args, 1.0, reference=True)
+    for agg in ("seq", "token", "dr_grpo"):
+        denominator = grpo.loss_denominator(batch["loss_mask"], agg, args.max_new_tokens)
+        grads = []
+        for micro_batch in (8, 3):  # 3 does not divide 8: ragged last micro-batch
+            model.zero_grad(set_to_none=True)
+            grpo.accumulate_gradients(model, batch, dataclasses.replace(args, micro_batch=micro_batch, agg=agg), 1.0, denominator)
+            grads.append(lora_grads(model))
+        assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+        for name in grads[0]:
+            assert torch.allclose(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-7), (agg, name)
+
+
+def test_first_inner_iteration_has_ratio_exactly_one(tiny_model_dir, model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    randomize_lora(model)
+    args = tiny_args(tiny_model_dir, beta=0.0)
+    batch = rollout_batch(model, tokenizer, args)
+    stats = grpo.accumulate_gradients(model, batch, args, 1.0, grpo.loss_denominator(batch["loss_mask"], "seq"))
+    assert stats["ratio_mean"] == 1.0 and stats["clip_frac"] == 0.0
+    # μ > 1: old log-probs computed before the update equal the policy's, so the first ratio is 1 too.
+    batch["old_logp"] = grpo.batch_logprobs(model, batch, args, 1.0)
+    model.zero_grad()
+    stats = grpo.accumulate_gradients(model, batch, args, 1.0, grpo.loss_denominator(batch["loss_mask"], "seq"))
+    assert stats["ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_tokens_after_eos_and_padding_get_no_gradient(tiny_model_dir, model_and_tokenizer):
+    """Whatever sits after the first EOS (or in the prompt padding) cannot change the loss or gradient."""
+    model, tokenizer = model_and_tokenizer
+    randomize_lora(model)
+    args = tiny_args(tiny_model_dir, beta=0.04)
+    batch = rollout_batch(model, tokenizer, args)
+    # Cut every completion after its 3rd token with an EOS, so there is a tail to tamper with.
+    eos = tokenizer.eos_token_id
+    batch["completion_ids"][:, 3] = eos
+    batch["completion_mask"], _ = grpo.completion_mask_from_ids(batch["completion_ids"], [eos])
+    batch["loss_mask"] = batch["completion_mask"].clone()
+    batch["ref_logp"] = grpo.batch_logprobs(model, batch, args, 1.0, reference=True)
+
+    def loss_and_grads(b):
+        model.zero_grad(set_to_none=True)
+        stats = grpo.accumulate_gradients(model, b, args, 1.0, grpo.loss_denominator(b["loss_mask"], "seq"))
+        return stats["loss"], lora_grads(model)
+
+    loss, grads = loss_and_grads(batch)
+    tampered = {k: v.clone() for k, v in batch.items()}
+    tampered["completion_ids"][:, 4:] = torch.randint(0, 1000, tampered["completion_ids"][:, 4:].shape)
+    padded = tampered["prompt_mask"] == 0
+    assert padded.any()  # the two prompts have different lengths: left padding exists
+    tampered["prompt_ids"][padded] = 777  # garbage under the padding
+    loss2, grads2 = loss_and_grads(tampered)
+    assert loss2 == pytest.approx(loss, rel=1e-6)
+    for name in grads:
+        assert torch.allclose(grads[name], grads2[name], rtol=1e-5, atol=1e-8), name
+
+
+# -----------------------------------------------------------------------------
+# main(): real training steps, and bad input.
+
+
+def write_jsonl(path, records):
+    with open(path, "w") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+    return str(path)
+
+
+def gsm8k_head(n):
+    with open(GSM8K_TRAIN) as f:
+        return [json.loads(next(f)) for _ in range(n)]
+
+
+def test_two_training_steps_change_lora_and_leave_the_4bit_base_bit_identical(tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "gsm8k_few.jsonl", gsm8k_head(4))
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    args = tiny_args(tiny_model_dir, data=data, out_dir=str(tmp_path), run_name="two-steps", beta=0.04,
+                     correct_weight=0.0, format_weight=0.0, seed=3)
+    # Random rewards give non-zero advantages without a trained model (verify.py is tested on its own).
+    result = run_main_with_random_rewards(args)
+    model = result["model"]
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=torch.float32)
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=quantization, dtype=torch.float32,
+                                                 device_map={"": "cpu"})
+    trained_base = {n.replace("base_model.model.", "").replace(".base_layer", ""): m
+                    for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    fresh_base = {n: m for n, m in fresh.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert trained_base.keys() == fresh_base.keys() and len(fresh_base) == 14  # 7 linears × 2 layers
+    for name, module in fresh_base.items():
+        assert torch.equal(trained_base[name].weight.data, module.weight.data), name  # packed NF4 bytes
+        assert torch.equal(trained_base[name].weight.quant_state.absmax, module.weight.quant_state.absmax), name
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # B left 0: training moved it
+    assert len([m for m in result["metrics"] if "reward/mean" in m]) == 2
+
+
+def run_main_with_random_rewards(args):
+    """main() with uniform random rewards (non-zero advantages without a trained model). They are drawn
+    from torch's global generator, which grpo.py seeds and saves in checkpoints, so runs are repeatable."""
+    original = grpo.score
+
+    def random_score(completions, items, a, pool):
+        scores = original(completions, items, a, pool)
+        scores["rewards"] = torch.rand(len(completions))
+        return scores
+    grpo.score = random_score
+    try:
+        return grpo.main(args)
+    finally:
+        grpo.score = original
+
+
+def error_of(args) -> str:
+    with pytest.raises(SystemExit) as raised:
+        grpo.main(args)
+    message = str(raised.value.code)
+    assert message.startswith("grpo.py: error: ") and "\n" not in message
+    return message
+
+
+def test_bad_input_gets_one_clear_line(tiny_model_dir, tmp_path):
+    good = write_jsonl(tmp_path / "good.jsonl", gsm8k_head(4))
+    base = tiny_args(tiny_model_dir, data=good, out_dir=str(tmp_path))
+    assert "does not exist" in error_of(dataclasses.replace(base, data=str(tmp_path / "missing.jsonl")))
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"question": "q", "answer": "1"}\n{"question": "q", "answer": \n')
+    assert f"{bad_json}:2: not valid JSON" in error_of(dataclasses.replace(base, data=str(bad_json)))
+    no_answer = write_jsonl(tmp_path / "no_answer.jsonl", [{"question": "q", "answer": "1"}, {"question": "q"}])
+    assert f"{no_answer}:2:" in error_of(dataclasses.replace(base, data=no_answer))
+    no_prompt = write_jsonl(tmp_path / "no_prompt.jsonl", [{"answer": "1"}])
+    assert f"{no_prompt}:1: field \"prompt\"" in error_of(dataclasses.replace(base, data=no_prompt))
+    assert "--group-size 1" in error_of(dataclasses.replace(base, group_size=1))
+    assert "--micro-batch" in error_of(dataclasses.replace(base, micro_batch=0))
+    assert "more than the 4 items" in error_of(dataclasses.replace(base, prompts_per_step=5))
+    assert "--agg" in error_of(dataclasses.replace(base, agg="mean"))
+    assert "not a local model directory" in error_of(dataclasses.replace(base, model=str(tmp_path / "no-such-model")))
+
+
+def test_a_14b_model_on_a_machine_without_gpu_is_refused_before_loading(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    model_dir = SHARED / "qwen2.5-14b"  # config only, no weights: anything that tried to load would fail
+    data = write_jsonl(tmp_path / "d.jsonl", gsm8k_head(2))
+    message = error_of(grpo.Args(model=str(model_dir), data=data, eval_every=0, out_dir=str(tmp_path), prompts_per_step=2))
+    assert "14.8B parameters" in message and "no GPU" in message and "tiny.py" in message
+
+
+def test_command_line_error_is_one_line_without_traceback(tmp_path):
+    process = subprocess.run([sys.executable, str(ROOT / "grpo.py"), "--data", str(tmp_path / "nope.jsonl"),
+                              "--eval-every", "0"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert process.returncode != 0
+    assert process.stderr.strip().splitlines() == [f"grpo.py: error: data file {tmp_path / 'nope.jsonl'} does not exist"]
+
+
+def test_cli_is_generated_from_args():
+    args = grpo.parse_args(["--group-size", "4", "--no-scale-advantages", "--beta", "0", "--agg", "token"])
+    assert (args.group_size, args.scale_advantages, args.beta, args.agg) == (4, False, 0.0, "token")
+    assert grpo.parse_args([]) == grpo.Args()
+
+
+def test_import_does_not_load_a_model_or_read_argv():
+    code = "import sys; sys.argv = ['x', '--bogus']; import grpo; print('transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False"
+
+
+# -----------------------------------------------------------------------------
+# Operations: schedules, variants, checkpoints, resume, faults, logging.
+
+
+def test_temperature_anneals_linearly_and_lr_warms_up_then_follows_cosine():
+    args = grpo.Args(steps=5, temperature=1.2, temperature_end=0.4, warmup_steps=2, lr_schedule="cosine")
+    assert [grpo.temperature_at(s, args) for s in range(5)] == pytest.approx([1.2, 1.0, 0.8, 0.6, 0.4])
+    assert grpo.temperature_at(3, dataclasses.replace(args, temperature_end=-1)) == 1.2
+    factors = [grpo.lr_factor(s, args) for s in range(5)]
+    # warmup: 1/2, 2/2; then cosine over the remaining 3 steps: progress 0, 1/3, 2/3
+    assert factors == pytest.approx([0.5, 1.0, 1.0, 0.5 * (1 + math.cos(math.pi / 3)), 0.5 * (1 + math.cos(2 * math.pi / 3))])
+    constant = dataclasses.replace(args, lr_schedule="constant")
+    assert [grpo.lr_factor(s, constant) for s in range(5)] == [0.5, 1.0, 1.0, 1.0, 1.0]
+
+
+def test_batch_indices_cover_each_epoch_once_and_depend_only_on_the_step():
+    seen = [i for step in range(5) for i in grpo.batch_indices(step, 2, 10, seed=7)]
+    assert sorted(seen) == list(range(10))  # one epoch = 5 steps of 2, every item once
+    assert grpo.batch_indices(3, 2, 10, seed=7) == seen[6:8]
+    assert grpo.batch_indices(5, 2, 10, seed=7) != grpo.batch_indices(0, 2, 10, seed=7)  # a new order next epoch
+
+
+@pytest.fixture
+def gsm8k_few(tmp_path):
+    return write_jsonl(tmp_path / "gsm8k_few.jsonl", gsm8k_head(6))
+
+
+def adapter_tensors(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def test_resume_continues_exactly(tiny_model_dir, gsm8k_few, tmp_path):
+    """N steps straight == k steps, then --resume for the remaining N - k (same adapter weights)."""
+    common = dict(data=gsm8k_few, out_dir=str(tmp_path), lr_schedule="constant", beta=0.04, save_every=1,
+                  temperature=1.3, top_p=0.9)
+    straight = run_main_with_random_rewards(tiny_args(tiny_model_dir, run_name="straight", steps=3, **common))
+    first = run_main_with_random_rewards(tiny_args(tiny_model_dir, run_name="split", steps=1, **common))
+    resumed = run_main_with_random_rewards(tiny_args(tiny_model_dir, steps=3, resume=str(tmp_path / "split"), **common))
+    a, b = adapter_tensors(straight["model"]), adapter_tensors(resumed["model"])
+    assert a.keys() == b.keys()
+    assert any(not torch.equal(a[n], adapter_tensors(first["model"])[n]) for n in a)  # steps 2-3 did change them
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert [m["step"] for m in resumed["metrics"]] == [2, 3]
+
+
+def test_checkpoint_is_a_standard_peft_adapter_and_keeps_the_last_k(tiny_model_dir, gsm8k_few, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    args = tiny_args(tiny_model_dir, data=gsm8k_few, out_dir=str(tmp_path), run_name="ckpt", steps=3, save_every=1,
+                     keep_last=2)
+    result = run_main_with_random_rewards(args)
+    checkpoints = sorted(os.listdir(tmp_path / "ckpt" / "checkpoints"))
+    assert checkpoints == ["step_000002", "step_000003"]
+    for name in grpo.CHECKPOINT_FILES:
+        assert (tmp_path / "ckpt" / "checkpoints" / "step_000003" / name).is_file()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)  # the standard way to use the adapter
+    loaded = PeftModel.from_pretrained(base, str(tmp_path / "ckpt" / "checkpoints" / "step_000003"))
+    trained = adapter_tensors(result["model"])
+    reloaded = {n: p for n, p in adapter_tensors(loaded).items()}
+    assert trained.keys() == reloaded.keys()
+    assert all(torch.equal(trained[n], reloaded[n]) for n in trained)
+    # The run directory has what a user reads.
+    records = [json.loads(l) for l in open(tmp_path / "ckpt" / "metrics.jsonl")]
+    assert [r["step"] for r in records] == [1, 2, 3] and all("loss/kl" in r and "reward/mean" in r for r in records)
+    samples = [json.loads(l) for l in open(tmp_path / "ckpt" / "samples.jsonl")]
+    assert len(samples) == 3 * args.samples_per_step and {"prompt", "completion", "reward", "advantage"} <= samples[0].keys()
+    assert json.load(open(tmp_path / "ckpt" / "args.json"))["steps"] == 3
+
+
+@pytest.fixture
+def saved_run(tiny_model_dir, gsm8k_few, tmp_path):
+    args = tiny_args(tiny_model_dir, data=gsm8k_few, out_dir=str(tmp_path), run_name="run", steps=2, save_every=1)
+    run_main_with_random_rewards(args)
+    return args, tmp_path / "run"
+
+
+def resume_args(args, run_dir, **overrides):
+    return dataclasses.replace(args, resume=str(run_dir), steps=3, **overrides)
+
+
+def test_partial_or_corrupt_checkpoints_are_refused_clearly(saved_run):
+    args, run_dir = saved_run
+    latest = run_dir / "checkpoints" / "step_000002"
+    (latest / "trainer_state.pt").rename(run_dir / "moved.pt")
+    assert "is incomplete (missing trainer_state.pt)" in error_of(resume_args(args, run_dir))
+    (run_dir / "moved.pt").rename(latest / "trainer_state.pt")
+    adapter = latest / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[: adapter.stat().st_size // 2])  # a torn write
+    assert f"checkpoint {latest} is corrupt" in error_of(resume_args(args, run_dir))
+
+
+def test_resume_with_an_incompatible_config_is_refused(saved_run):
+    args, run_dir = saved_run
+    message = error_of(resume_args(args, run_dir, lora_rank=4, group_size=3))
+    assert "--lora-rank 16 (checkpoint) vs 4 (now)" in message and "--group-size" in message
+    assert "no checkpoint" in error_of(resume_args(args, run_dir.parent / "elsewhere"))
+
+
+def test_a_save_interrupted_midway_leaves_the_previous_checkpoint_loadable(saved_run, monkeypatch):
+    args, run_dir = saved_run
+    real_save = torch.save
+
+    def crash(obj, path, *a, **k):
+        if str(path).endswith("trainer_state.pt"):
+            raise KeyboardInterrupt("power cut during the save")  # after the adapter was written
+        return real_save(obj, path, *a, **k)
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_main_with_random_rewards(resume_args(args, run_dir))
+    monkeypatch.setattr(torch, "save", real_save)
+    assert (run_dir / "checkpoints" / "step_000003.tmp").is_dir()  # the torn save stays aside...
+    assert grpo.latest_checkpoint(str(run_dir)).endswith("step_000002")  # ...and is never picked up
+    resumed = run_main_with_random_rewards(resume_args(args, run_dir))
+    assert [m["step"] for m in resumed["metrics"]] == [3]
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["step_000001", "step_000002", "step_000003"]
+
+
+def test_non_finite_loss_skips_updates_then_stops_with_the_last_good_checkpoint(tiny_model_dir, gsm8k_few, tmp_path,
+                                                                                 monkeypatch, capsys):
+    real_loss = grpo.grpo_loss
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        loss, stats = real_loss(*a, **k)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] > 1 else loss), stats  # step 1 fine, then NaN
+    monkeypatch.setattr(grpo, "grpo_loss", poisoned)
+    args = tiny_args(tiny_model_dir, data=gsm8k_few, out_dir=str(tmp_path), run_name="nan", steps=10, save_every=1,
+                     max_bad_steps=3)
+    with pytest.raises(SystemExit) as raised:
+        run_main_with_random_rewards(args)
+    assert "3 non-finite steps in a row" in str(raised.value.code)
+    assert capsys.readouterr().out.count("non-finite loss or gradient, update skipped") == 3
+    # Steps 2 and 3 were skipped but saved (their adapters are the good ones of step 1); step 4 stopped the run.
+    assert sorted(os.listdir(tmp_path / "nan" / "checkpoints")) == ["step_000001", "step_000002", "step_000003"]
+    from safetensors.torch import load_file
+    first = load_file(tmp_path / "nan" / "checkpoints" / "step_000001" / "adapter_model.safetensors")
+    last = load_file(tmp_path / "nan" / "checkpoints" / "step_000003" / "adapter_model.safetensors")
+    assert all(torch.isfinite(t).all() and torch.equal(t, last[n]) for n, t in first.items())  # no update after step 1
+
+
+def test_generation_out_of_memory_halves_the_chunk_and_carries_on(tiny_model_dir, model_and_tokenizer, capsys):
+    model, tokenizer = model_and_tokenizer
+    real_generate = model.generate
+    sizes = []
+
+    def generate_with_small_memory(*a, **k):  # the real generate, with a memory limit at 2 sequences
+        sizes.append(k["input_ids"].shape[0])
+        if k["input_ids"].shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_generate(*a, **k)
+    model.generate = generate_with_small_memory
+    args = tiny_args(tiny_model_dir, generation_chunk=8, max_new_tokens=4)
+    out = grpo.generate(model, tokenizer, ["a b c"] * 6, args, grpo.end_of_sequence_ids(model, tokenizer), 1.0)
+    assert out["completion_ids"].shape[0] == 6 and sizes == [6, 4, 2, 2, 2]
+    assert "halving the generation chunk to 2" in capsys.readouterr().out
+
+
+def test_variants_drop_zero_std_groups_and_mask_or_penalise_truncation(tiny_model_dir, gsm8k_few, tmp_path):
+    common = dict(data=gsm8k_few, out_dir=str(tmp_path), steps=1, max_new_tokens=4, seed=5)
+    # A random model never says EOS within 4 tokens: every completion is truncated.
+    masked = run_main_with_random_rewards(tiny_args(tiny_model_dir, run_name="mask", overlong="mask", **common))
+    assert masked["metrics"][0]["completions/truncated_frac"] == 1.0
+    assert masked["metrics"][0]["loss/trained_tokens"] == 0
+    kept = run_main_with_random_rewards(tiny_args(tiny_model_dir, run_name="keep", **common))
+    penalised = run_main_with_random_rewards(tiny_args(tiny_model_dir, run_name="pen", overlong="penalty",
+                                                       overlong_penalty=0.5, **common))
+    assert penalised["metrics"][0]["reward/mean"] == pytest.approx(kept["metrics"][0]["reward/mean"] - 0.5)
+    assert kept["metrics"][0]["loss/trained_tokens"] == 2 * 4 * 4
+    # Dynamic sampling: real (all-zero) rewards from the untrained model -> every group has zero std.
+    dropped = grpo.main(tiny_args(tiny_model_dir, run_name="drop", drop_zero_std_groups=True, **common))
+    assert dropped["metrics"][0]["groups/dropped"] == 2 and dropped["metrics"][0]["loss/trained_tokens"] == 0
+
+
+def test_eval_only_reports_strict_lenient_and_format_and_plot_draws_a_png(saved_run, capsys):
+    pytest.importorskip("matplotlib")
+    args, run_dir = saved_run
+    evaluation = dataclasses.replace(args, eval_only=True, eval_data=args.data, eval_n=3,
+                                     adapter=str(run_dir / "checkpoints" / "step_000002"))
+    result = grpo.main(evaluation)["metrics"][0]
+    assert result["eval/n"] == 3 and {"eval/accuracy_strict", "eval/accuracy_lenient", "eval/format_rate"} <= result.keys()
+    assert "eval/accuracy_strict" in capsys.readouterr().out
+    grpo.main(grpo.Args(plot=str(run_dir)))
+    assert (run_dir / "metrics.png").stat().st_size > 1000
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_model_dir, gsm8k_few, tmp_path):
+    import signal
+    import time
+    command = [sys.executable, str(ROOT / "grpo.py"), "--model", tiny_model_dir, "--data", gsm8k_few, "--device", "cpu",
+               "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "4", "--steps", "1000",
+               "--eval-every", "0", "--save-every", "0", "--out-dir", str(tmp_path), "--run-name", "sig"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = []
+    for line in process.stdout:  # wait for the first step line, then ask it to stop
+        output.append(line)
+        if line.startswith("step 1/1000"):
+            process.send_signal(signal.SIGTERM)
+            break
+    output.append(process.communicate(timeout=120)[0])
+    text = "".join(output)
+    assert process.returncode == 0, text
+    assert "stopping after this step" in text and "Traceback" not in text
+    saved = sorted(os.listdir(tmp_path / "sig" / "checkpoints"))
+    assert len(saved) == 1 and int(saved[0].split("_")[1]) < 1000
+
+
+# -----------------------------------------------------------------------------
+# torchrun: data parallel on CPU with gloo.
+
+DISTRIBUTED_SCRIPT = r'''
+import json, os, sys, zlib
+import torch
+sys.path.insert(0, {root!r})
+import grpo
+
+def fixed_generate(model, tokenizer, prompts, args, eos_ids, temperature, greedy=False, log=print):
+    """Fixed completions, a function of the prompt text and its place in the group, so that one process
+    and two ranks train on exactly the same samples (sampling differs per rank by design)."""
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    rows = []
+    for i, prompt in enumerate(prompts):
+        generator = torch.Generator().manual_seed(zlib.crc32(prompt.encode()) + i % args.group_size)
+        row = torch.randint(0, 5000, (args.max_new_tokens,), generator=generator)
+        row[int(torch.randint(1, args.max_new_tokens, (1,), generator=generator))] = eos_ids[0]
+        rows.append(row)
+    completion_ids = torch.stack(rows)
+    mask, truncated = grpo.completion_mask_from_ids(completion_ids, eos_ids)
+    return dict(prompt_ids=encoded["input_ids"], prompt_mask=encoded["attention_mask"], completion_ids=completion_ids,
+                completion_mask=mask, truncated=truncated, texts=["x"] * len(prompts))
+
+def fixed_score(completions, items, args, pool):
+    rewards = torch.tensor([float(zlib.crc32((item["prompt"] + str(i % args.group_size)).encode()) % 7)
+                            for i, item in enumerate(items)])
+    if os.environ.get("FAIL_ON_RANK") == os.environ.get("RANK", "0"):
+        raise RuntimeError("reward server exploded on rank " + os.environ["RANK"])
+    return dict(rewards=rewards, correct=rewards > 3, formatted=rewards > 1)
+
+grpo.generate, grpo.score = fixed_generate, fixed_score
+args = grpo.Args(**json.loads(sys.argv[1]))
+result = grpo.main(args)
+if int(os.environ.get("RANK", 0)) == 0:
+    torch.save({{n: p.detach() for n, p in result["model"].named_parameters() if "lora_" in n}}, sys.argv[2])
+'''
+
+
+def run_distributed(tmp_path, args, ranks, env_extra=None, timeout=300):
+    script = tmp_path / "dist_run.py"
+    script.write_text(DISTRIBUTED_SCRIPT.format(root=str(ROOT)))
+    output = tmp_path / f"adapter_{ranks}.pt"
+    launcher = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
+                                                   str(ranks), "--master-port", str(29500 + os.getpid() % 1000)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
+    process = subprocess.run(launcher + [str(script), json.dumps(dataclasses.asdict(args)), str(output)],
+                             capture_output=True, text=True, timeout=timeout, env=env)
+    return process, output
+
+
+def test_two_ranks_give_the_same_adapter_as_one_process_on_the_same_global_batch(tiny_model_dir, gsm8k_few, tmp_path):
+    args = tiny_args(tiny_model_dir, data=gsm8k_few, out_dir=str(tmp_path), prompts_per_step=4, group_size=3,
+                     max_new_tokens=8, micro_batch=5, steps=1, agg="token", beta=0.04, lr=1e-3, max_grad_norm=0)
+    one, one_path = run_distributed(tmp_path, dataclasses.replace(args, run_name="one"), ranks=1)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two, two_path = run_distributed(tmp_path, dataclasses.replace(args, run_name="two"), ranks=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = torch.load(one_path), torch.load(two_path)
+    assert a.keys() == b.keys() and len(a) == 28
+    moved = 0
+    for name in a:
+        # float32 sums in a different order (2 ranks × 2 prompts vs 4 prompts); Adam's first step is
+        # lr·g/(|g| + eps), so 1e-6 on weights of size ~lr = 1e-3 is a 0.1% match at worst.
+        assert torch.allclose(a[name], b[name], atol=1e-6, rtol=0), (name, (a[name] - b[name]).abs().max())
+        moved += int("lora_B" in name and a[name].abs().sum() > 0)
+    assert moved == 14  # every B moved: the all-reduce reached every adapter
+    # Rank 0 alone wrote the run directory, with metrics over both ranks' sequences.
+    records = [json.loads(l) for l in open(tmp_path / "two" / "metrics.jsonl")]
+    reference = [json.loads(l) for l in open(tmp_path / "one" / "metrics.jsonl")]
+    assert len(records) == 1 and records[0]["reward/mean"] == pytest.approx(reference[0]["reward/mean"])
+    assert records[0]["loss/trained_tokens"] == reference[0]["loss/trained_tokens"]
+    assert records[0]["loss/kl"] == pytest.approx(reference[0]["loss/kl"], abs=1e-7)
+
+
+def test_a_failing_rank_ends_the_whole_job_with_its_error(tiny_model_dir, gsm8k_few, tmp_path):
+    args = tiny_args(tiny_model_dir, data=gsm8k_few, out_dir=str(tmp_path), run_name="fail", steps=3, max_new_tokens=4)
+    process, _ = run_distributed(tmp_path, args, ranks=2, env_extra={"FAIL_ON_RANK": "1"}, timeout=240)
+    assert process.returncode != 0
+    assert "reward server exploded on rank 1" in process.stdout + process.stderr
