@@ -29,6 +29,8 @@ Departures from the paper (each is a flag; the default is listed first):
      masking or penalising completions that hit max_new_tokens (`--overlong`, DAPO).
   6. Log-probs are computed at the sampling temperature (logits / T), so they are the log-probs of
      the policy that sampled. top-p truncation is not modelled (as in TRL).
+  7. `--generation-model merged` samples from a dense copy of the policy (4-bit base dequantized,
+     LoRA merged) for speed; in bf16 it differs from the trained policy by rounding only.
 
 Shapes: B prompts per step, G completions per prompt, N = B·G sequences, P prompt tokens,
 T completion tokens, V vocabulary, H hidden size. "mask" is always a 0/1 float of shape [N, T].
@@ -50,7 +52,6 @@ import re
 import resource
 import shutil
 import signal
-import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -118,7 +119,7 @@ class Args:
     num_iterations: int = arg(1, "μ: optimizer steps per generated batch")
     drop_zero_std_groups: bool = arg(False, "leave groups whose rewards are all equal out of the loss (DAPO)")
     # optimization
-    steps: int = arg(500, "optimizer steps (each on B·G fresh completions, times μ)")
+    steps: int = arg(500, "training steps: each samples B·G fresh completions and makes μ optimizer steps")
     lr: float = arg(1e-5, "peak AdamW learning rate of the adapters")
     lr_schedule: str = arg("cosine", "after warmup: cosine (to 0) | constant")
     warmup_steps: int = arg(10, "linear warmup steps")
@@ -175,6 +176,8 @@ def check_args(args: Args, world_size: int = 1):
     for name, allowed in choices.items():
         if getattr(args, name) not in allowed:
             fail(f"--{name.replace('_', '-')} {getattr(args, name)!r}: choose one of {', '.join(allowed)}")
+    if args.adapter and not args.eval_only:
+        fail("--adapter is for --eval-only; to continue training a run, use --resume RUN_DIR")
     if not (0 <= args.clip_low < 1 and args.clip_high >= 0):
         fail(f"clip range [1 - {args.clip_low}, 1 + {args.clip_high}] is empty or negative")
 
@@ -238,7 +241,7 @@ def load_items(path) -> list[dict]:
     return items
 
 
-MATH_INSTRUCTION = "Think step by step, then give the final answer at the end as \\boxed{{answer}}."
+MATH_INSTRUCTION = "Think step by step, then give the final answer at the end as \\boxed{answer}."
 CODE_INSTRUCTION = "Think step by step, then give your solution as one ```python code block at the end."
 # R1-Zero's template (DeepSeek-R1 paper, table 1), for tokenizers without a chat template.
 PLAIN_TEMPLATE = ("A conversation between User and Assistant. The User asks a question, and the Assistant "
@@ -347,8 +350,8 @@ def end_of_sequence_ids(model, tokenizer) -> list[int]:
 @torch.no_grad()
 def build_generation_model(model):
     """A dense copy of the policy for sampling only (--generation-model merged). 4-bit decoding pays
-    a dequantize + two LoRA matmuls per linear per token; a dense copy decodes with plain GEMMs (the
-    full-size issue measured 52 vs 133 ms per decode step at 14B). Costs 2 bytes per block weight
+    a dequantize + two LoRA matmuls per linear per token; a dense copy decodes with plain GEMMs (a probe
+    with stock tools on an H100 saw 52 vs 133 ms per decode step at 14B; not yet measured with grpo.py). Costs 2 bytes per block weight
     (26 GB at 14B); embeddings, norms and lm_head are shared with the policy, not copied."""
     from transformers import AutoModelForCausalLM
     source = model.get_base_model()
@@ -408,7 +411,7 @@ def completion_mask_from_ids(completion_ids, eos_ids):
 def generate(model, tokenizer, prompts, args: Args, eos_ids, temperature, greedy=False, log=print):
     """Sample one completion per prompt string (repeat a prompt G times for a group), in chunks of
     --generation-chunk sequences. Returns a dict of CPU tensors: prompt_ids/prompt_mask [N, P] (left
-    padded), completion_ids [N, T], completion_mask [N, T], truncated [N]; and texts, tokens."""
+    padded), completion_ids [N, T], completion_mask [N, T], truncated [N]; and texts (the decoded completions)."""
     device = model.device
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     prompt_ids, prompt_mask = encoded["input_ids"], encoded["attention_mask"]  # [N, P]

@@ -661,7 +661,6 @@ def test_eval_only_reports_strict_lenient_and_format_and_plot_draws_a_png(saved_
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_model_dir, gsm8k_few, tmp_path):
     import signal
-    import time
     command = [sys.executable, str(ROOT / "grpo.py"), "--model", tiny_model_dir, "--data", gsm8k_few, "--device", "cpu",
                "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "4", "--steps", "1000",
                "--eval-every", "0", "--save-every", "0", "--out-dir", str(tmp_path), "--run-name", "sig"]
