@@ -127,7 +127,7 @@ class Args:
     max_grad_norm: float = arg(1.0, "clip the adapters' gradient to this global norm; 0: off")
     micro_batch: int = arg(16, "sequences per forward/backward; gradients accumulate to the full batch")
     offload_activations: bool = arg(False, "keep the tensors saved for backward in (pinned) CPU memory during the policy forward")
-    logprob_memory_mb: int = arg(512, "memory budget of one chunk of the fused log-prob gather (sets its row count)")
+    logprob_memory_mb: int = arg(256, "memory budget of one chunk of the fused log-prob gather (sets its row count)")
     max_bad_steps: int = arg(3, "stop after this many non-finite losses/gradients in a row")
     # evaluation / checkpoints
     eval_every: int = arg(50, "greedy pass@1 on --eval-data every this many steps (also before the first and after the last); 0: off")
@@ -478,23 +478,23 @@ def score(completions, items, args: Args, pool) -> dict:
 
 
 def gather_chunk_rows(vocab_size, memory_mb) -> int:
-    """Rows per chunk so that a chunk's float32 logits plus the softmax/grad temporaries (about three
-    [rows, V] float32 buffers) fit the memory budget."""
-    return max(1, int(memory_mb * 2**20) // (3 * 4 * vocab_size))
+    """Rows per chunk so that a chunk's [rows, V] float32 logits plus one temporary of the same size
+    (inside logsumexp; everything else works in place) fit the memory budget."""
+    return max(1, int(memory_mb * 2**20) // (2 * 4 * vocab_size))
 
 
 class TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, chunk_size):
         # hidden [N, H], weight [V, H] (lm_head, frozen), targets [N] -> log-probs [N] float32
-        weight32 = weight.float()  # float32 logits (a [V, H] float32 copy only while this call runs)
+        weight32 = weight.float()  # float32 logits (on GPU a [V, H] float32 copy while this call runs)
         logsumexp = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         target_logit = torch.empty_like(logsumexp)
         for start in range(0, hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
-            logits = hidden[rows].float() @ weight32.T / temperature  # [n, V], freed each chunk
-            logsumexp[rows] = torch.logsumexp(logits, dim=-1)
+            logits = chunk_logits(hidden[rows], weight32, temperature)  # [n, V], freed each chunk
             target_logit[rows] = logits.gather(1, targets[rows, None]).squeeze(1)
+            logsumexp[rows] = torch.logsumexp(logits, dim=-1)
         ctx.save_for_backward(hidden, weight, targets, logsumexp)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
         return target_logit - logsumexp
@@ -506,17 +506,24 @@ class TokenLogprobs(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden)
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             rows = slice(start, start + ctx.chunk_size)
-            logits = hidden[rows].float() @ weight32.T / ctx.temperature  # [n, V], recomputed
-            softmax = torch.exp(logits - logsumexp[rows, None])  # [n, V]
-            # d logp / d logits = onehot(target) - softmax, times the incoming gradient
-            grad_logits = -softmax * grad_logprobs[rows, None]  # [n, V]
-            grad_logits.scatter_add_(1, targets[rows, None], grad_logprobs[rows, None])
-            grad_hidden[rows] = (grad_logits @ weight32 / ctx.temperature).to(hidden.dtype)  # [n, H]
+            grad = grad_logprobs[rows, None]  # [n, 1]
+            # d logp / d logits = onehot(target) - softmax. Built in the recomputed logits' own buffer:
+            # in place, so a chunk never holds more than one [n, V] tensor here.
+            grad_logits = chunk_logits(hidden[rows], weight32, ctx.temperature)  # [n, V], recomputed
+            grad_logits.sub_(logsumexp[rows, None]).exp_()  # softmax
+            grad_logits.mul_(-grad)  # -softmax · grad
+            grad_logits.scatter_add_(1, targets[rows, None], grad)  # + onehot · grad
+            grad_hidden[rows] = (grad_logits @ weight32).div_(ctx.temperature).to(hidden.dtype)  # [n, H]
         # lm_head is frozen: no [V, H] gradient is ever formed; targets/temperature/chunk have none.
         return grad_hidden, None, None, None, None
 
 
-def token_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=None, memory_mb=512):
+def chunk_logits(hidden_chunk, weight32, temperature):
+    logits = hidden_chunk.float() @ weight32.T  # [n, V] float32
+    return logits.div_(temperature) if temperature != 1.0 else logits  # in place: no second [n, V] buffer
+
+
+def token_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=None, memory_mb=256):
     """log softmax(hidden @ weight.T / temperature)[targets], as float32 [N], in chunks of rows.
     hidden [N, H] (gradient flows), weight [V, H] (no gradient), targets [N] int64. chunk_size=None
     picks the rows per chunk from memory_mb. test_grpo.py checks it against a float64 reference."""
@@ -525,7 +532,7 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=None, me
     return TokenLogprobs.apply(hidden, weight, targets, float(temperature), int(chunk_size))
 
 
-def sequence_logprobs(model, batch, temperature, memory_mb=512):
+def sequence_logprobs(model, batch, temperature, memory_mb=256):
     """Per-token log-probs [n, T] of the completions in batch (0 where completion_mask is 0), from the
     backbone's hidden states and the fused gather. Gradients flow when called with grad enabled."""
     prompt_ids, completion_ids, mask = batch["prompt_ids"], batch["completion_ids"], batch["completion_mask"]

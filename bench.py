@@ -1,0 +1,469 @@
+"""
+bench.py -- measurements behind the README's Performance section. Two subcommands:
+
+  python bench.py gather [--tokens 4096 --hidden 128 --vocab 151936 --dtype float32]
+      The log-prob gather alone, forward + backward (hidden gets a gradient, the lm_head weight does
+      not): a naive log_softmax(hidden @ W.T / T).gather(...) against grpo.token_logprobs (the fused,
+      chunked gather). Each runs in its own child process (`bench.py gather --only naive|fused`), so
+      one's allocations cannot colour the other's peak. Prints peak extra memory (above a baseline
+      taken once the inputs exist), the median time of a few repetitions after a warm-up, the ratios,
+      and the max abs difference of the two log-probs and input gradients. CPU or CUDA.
+
+  python bench.py step --config CONFIG.json [--tokenizer DIR] [--prompts 16 --group 8 --prompt-tokens 256
+                       --new-tokens 256 --micro-batch 16 --steps 2 --beta 0.04 --num-iterations 1
+                       --lora-r 16 --naive-gather]
+      Real GRPO steps through grpo.py's own functions on a random-weight model of CONFIG's
+      architecture: the model is built, SAVED to a directory with the tokenizer and RELOADED through
+      grpo.load_model (4-bit NF4 + double quant, LoRA on all linear layers, gradient checkpointing)
+      -- the same path as a real run; the save + reload takes ~50 s at 14B on a GPU, seconds for a
+      tiny config. Each step: grpo.generate -> random rewards -> grpo.group_advantages ->
+      grpo.batch_logprobs (reference, β > 0; old, μ > 1) -> grpo.accumulate_gradients -> clip + AdamW.
+      Prompts are random tokens, as in ../shared/bench/trl_anchor.py (the same seed, so the same
+      prompts as the TRL anchor). Random weights almost never emit EOS, and to make the workload
+      fixed (the worst case: every completion max length) EOS is suppressed until --new-tokens
+      (min_new_tokens; --allow-eos turns that off). Prints per phase seconds and peak memory, one JSON
+      line per step, then a table. --naive-gather swaps grpo.token_logprobs for the naive gather to
+      show what the fused one saves.
+
+      Full size (one 80 GB GPU):  python bench.py step --config ../shared/qwen2.5-14b/config.json
+                                      --tokenizer ../shared/qwen2.5-tokenizer
+      Tiny, on a CPU:             write a small Qwen2 config.json (see test_bench.py) and pass it.
+
+Memory. CUDA: torch.cuda.max_memory_allocated, reset at the start of each measurement. CPU: the
+process's peak resident set size (resource.getrusage ru_maxrss). ru_maxrss is a lifetime peak, so
+before each measurement it is reset to the current RSS by writing "5" to /proc/self/clear_refs
+(Linux >= 4.0); where that is not allowed, the numbers are lifetime peaks and are labelled so.
+RSS counts every byte the process touches (allocator caches, libraries), not only tensors.
+"""
+
+import argparse
+import contextlib
+import functools
+import gc
+import json
+import os
+import random
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+import grpo
+
+GiB, MiB = 2**30, 2**20
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_TOKENIZER = os.path.join(HERE, "..", "shared", "qwen2.5-tokenizer")
+
+
+# -----------------------------------------------------------------------------
+# Memory and time measurement, CUDA or CPU.
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (what ru_maxrss reports) to the current RSS. False if not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def current_rss() -> int:
+    """Resident set size now, in bytes (Linux /proc; falls back to the peak elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return peak_rss()
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+class Peak:
+    """Peak memory over a region: `with Peak(device) as p: ...` then p.peak (bytes, absolute) and
+    p.extra (bytes above what was in use when the region began). p.kind says what was measured."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            self.kind = "CUDA max_memory_allocated"
+        else:
+            resettable = reset_peak_rss()
+            self.base = current_rss() if resettable else peak_rss()
+            self.kind = "CPU peak RSS" if resettable else "CPU peak RSS (lifetime: /proc/self/clear_refs not writable)"
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self.peak = peak_rss()
+        self.seconds = time.perf_counter() - self.start
+        self.extra = max(0, self.peak - self.base)
+        return False
+
+
+# -----------------------------------------------------------------------------
+# gather: naive log_softmax + gather vs grpo.token_logprobs, each in its own process.
+
+
+def naive_token_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=None, memory_mb=512):
+    """What the fused gather replaces: the full [N, V] logits, their log-softmax (kept by autograd for
+    backward) and a gather. Same signature as grpo.token_logprobs, so it can stand in for it."""
+    logits = (hidden @ weight.T).float() / temperature  # [N, V]
+    return torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)  # [N]
+
+
+def gather_inputs(tokens, hidden_size, vocab, dtype, device, seed=0):
+    """The same inputs in every process: hidden [N, H], lm_head [V, H] (logit std ~2), targets [N]."""
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(tokens, hidden_size, generator=generator).to(device, dtype)
+    weight = (torch.randn(vocab, hidden_size, generator=generator) * (2 / hidden_size**0.5)).to(device, dtype)
+    targets = torch.randint(0, vocab, (tokens,), generator=generator).to(device)
+    grad_output = torch.randn(tokens, generator=generator).to(device)  # like per-token advantages
+    return hidden.requires_grad_(), weight, targets, grad_output
+
+
+def gather_child(a):
+    """One implementation, measured in this process; prints one JSON line (and saves results for the diff)."""
+    device = torch.device(a.device)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    dtype = getattr(torch, a.dtype)
+    hidden, weight, targets, grad_output = gather_inputs(a.tokens, a.hidden, a.vocab, dtype, device)
+    if a.only == "naive":
+        def run():
+            return naive_token_logprobs(hidden, weight, targets, a.temperature)
+    else:
+        def run():
+            return grpo.token_logprobs(hidden, weight, targets, a.temperature, memory_mb=a.memory_mb)
+
+    def once():
+        hidden.grad = None
+        out = run()
+        out.backward(grad_output)
+        return out.detach()
+
+    with Peak(device) as peak:  # over the warm-up and every repetition; the baseline holds the inputs
+        once()  # warm-up
+        times = []
+        for _ in range(a.repeat):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            out = once()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - start)
+    if a.save:
+        torch.save({"logprobs": out.float().cpu(), "grad": hidden.grad.float().cpu()}, a.save)
+    chunk_rows = grpo.gather_chunk_rows(a.vocab, a.memory_mb) if a.only == "fused" else a.tokens
+    print(json.dumps({"impl": a.only, "peak_extra_bytes": peak.extra, "memory_kind": peak.kind,
+                      "median_s": statistics.median(times), "times_s": times, "chunk_rows": min(chunk_rows, a.tokens),
+                      "threads": torch.get_num_threads()}), flush=True)
+
+
+def gather_main(a):
+    if a.only:
+        return gather_child(a)
+    device = torch.device(a.device)
+    budgets = a.memory_mb_sweep or [a.memory_mb]
+    print(f"gather benchmark: N={a.tokens} tokens, H={a.hidden}, V={a.vocab}, {a.dtype}, T={a.temperature}, "
+          f"device {device.type}, {a.repeat} repetitions after 1 warm-up (median), forward + backward (grad to hidden), "
+          f"each implementation in its own process", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = [("naive", a.memory_mb)] + [("fused", mb) for mb in budgets]
+        for impl, mb in runs:
+            save = os.path.join(tmp, f"{impl}-{mb}.pt")
+            command = [sys.executable, os.path.abspath(__file__), "gather", "--only", impl, "--tokens", str(a.tokens),
+                       "--hidden", str(a.hidden), "--vocab", str(a.vocab), "--dtype", a.dtype, "--device", a.device,
+                       "--temperature", str(a.temperature), "--repeat", str(a.repeat), "--memory-mb", str(mb),
+                       "--threads", str(a.threads), "--save", save]
+            result = subprocess.run(command, capture_output=True, text=True, check=False)
+            if result.returncode != 0:
+                raise SystemExit(f"bench.py gather --only {impl} failed:\n{result.stderr[-3000:]}")
+            row = json.loads(result.stdout.strip().splitlines()[-1])
+            row["memory_mb"] = mb
+            row["result"] = torch.load(save)
+            rows.append(row)
+    naive = rows[0]
+    print(f"memory: {naive['memory_kind']}, peak above the inputs' baseline; time: median of {a.repeat}; "
+          f"{naive['threads']} threads")
+    header = f"{'implementation':<28} {'peak extra MiB':>15} {'time s':>8} {'mem naive/this':>15} {'time this/naive':>16}"
+    print(header)
+    print("-" * len(header))
+    summary = []
+    for row in rows:
+        name = "naive log_softmax+gather" if row["impl"] == "naive" else \
+            f"fused ({row['memory_mb']} MB, {row['chunk_rows']} rows)"
+        memory_ratio = naive["peak_extra_bytes"] / max(row["peak_extra_bytes"], 1)
+        time_ratio = row["median_s"] / naive["median_s"]
+        print(f"{name:<28} {row['peak_extra_bytes'] / MiB:>15.1f} {row['median_s']:>8.3f} {memory_ratio:>15.1f} "
+              f"{time_ratio:>16.2f}")
+        diff = {}
+        if row["impl"] == "fused":
+            diff = {key: float((row["result"][key] - naive["result"][key]).abs().max()) for key in ("logprobs", "grad")}
+        summary.append({"impl": row["impl"], "memory_mb": row["memory_mb"], "chunk_rows": row["chunk_rows"],
+                        "peak_extra_mib": round(row["peak_extra_bytes"] / MiB, 1), "median_s": round(row["median_s"], 4),
+                        "times_s": [round(t, 4) for t in row["times_s"]], "memory_ratio_naive_over_this": round(memory_ratio, 2),
+                        "time_ratio_this_over_naive": round(time_ratio, 3),
+                        **{f"max_abs_diff_{k}": v for k, v in diff.items()}})
+    for s in summary[1:]:
+        print(f"fused ({s['memory_mb']} MB) vs naive: max abs diff log-probs {s['max_abs_diff_logprobs']:.2e}, "
+              f"input gradient {s['max_abs_diff_grad']:.2e}")
+    print(json.dumps({"gather": summary, "tokens": a.tokens, "hidden": a.hidden, "vocab": a.vocab, "dtype": a.dtype,
+                      "device": device.type, "memory_kind": naive["memory_kind"]}))
+    return summary
+
+
+# -----------------------------------------------------------------------------
+# step: real GRPO steps through grpo.py's functions on a random-weight model.
+
+
+def build_random_model(config_path, tokenizer, model_dir, device, seed=0):
+    """Random weights of config_path's architecture, saved with the tokenizer so grpo.load_model reads it
+    exactly like a downloaded checkpoint."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.from_pretrained(config_path)
+    if len(tokenizer) > config.vocab_size:
+        raise SystemExit(f"bench.py: error: the tokenizer has {len(tokenizer)} tokens, more than the config's "
+                         f"vocab_size {config.vocab_size}")
+    with torch.device("meta"):
+        parameters = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    if device.type != "cuda" and parameters > 2e9:
+        raise SystemExit(f"bench.py: error: {config_path} has {parameters / 1e9:.1f}B parameters: run it on a CUDA GPU")
+    torch.manual_seed(seed)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.save_pretrained(model_dir, max_shard_size="5GB")
+    tokenizer.save_pretrained(model_dir)
+    del model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return parameters
+
+
+def random_prompts(tokenizer, count, length, seed=0):
+    """Random-token prompt strings, as trl_anchor.py makes them (same seed -> the same prompts). Decoded
+    and re-tokenized, so the prompt length in tokens is close to, not exactly, `length`."""
+    rng = random.Random(seed)
+    high = min(150000, len(tokenizer))
+    low = min(1000, high // 10)
+    return [tokenizer.decode([rng.randrange(low, high) for _ in range(length)]) for _ in range(count)], rng
+
+
+def lora_snapshot(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+@contextlib.contextmanager
+def measure_phase(device, seconds, peaks, used, name):
+    """Adds the region's seconds to seconds[name] and keeps the highest peak (μ > 1 repeats phases)."""
+    with Peak(device) as p:
+        yield
+    seconds[name] += p.seconds
+    peaks[name] = max(peaks[name], p.peak)
+    used.add(name)
+
+
+PHASES = ("generation", "reference", "old", "policy", "optimizer")
+PHASE_TITLES = {"generation": "generation (grpo.generate)", "reference": "reference log-probs (β > 0)",
+                "old": "old log-probs (μ > 1)", "policy": "policy forward+backward", "optimizer": "optimizer (clip+AdamW)"}
+
+
+def step_main(a):
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    from transformers import AutoTokenizer
+    tokenizer_dir = a.tokenizer or (os.path.dirname(os.path.abspath(a.config))
+                                    if os.path.exists(os.path.join(os.path.dirname(os.path.abspath(a.config)), "tokenizer.json"))
+                                    else DEFAULT_TOKENIZER)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if a.naive_gather:
+        grpo.token_logprobs = naive_token_logprobs  # sequence_logprobs looks it up at call time
+    model_dir = a.model_dir or tempfile.mkdtemp(prefix="bench-random-model-")
+    cleanup = not a.model_dir
+    try:
+        start = time.perf_counter()
+        if os.path.exists(os.path.join(model_dir, "config.json")):
+            print(f"reusing the random model in {model_dir}", flush=True)
+        else:
+            parameters = build_random_model(a.config, tokenizer, model_dir, device, a.seed)
+            print(f"random {parameters / 1e9:.3f}B-parameter model of {a.config} saved to {model_dir} "
+                  f"in {time.perf_counter() - start:.1f} s", flush=True)
+        args = grpo.Args(model=model_dir, device=device.type, prompts_per_step=a.prompts, group_size=a.group,
+                         max_new_tokens=a.new_tokens, micro_batch=a.micro_batch, beta=a.beta, num_iterations=a.num_iterations,
+                         lora_rank=a.lora_r, lora_alpha=2 * a.lora_r, lr=a.lr, steps=a.steps, seed=a.seed,
+                         generation_chunk=a.generation_chunk or grpo.Args.generation_chunk,
+                         logprob_memory_mb=a.logprob_memory_mb, gradient_checkpointing=a.gradient_checkpointing,
+                         offload_activations=a.offload_activations, generation_model=a.generation_model)
+        grpo.check_args(args)
+        load_start = time.perf_counter()
+        grpo.seed_everything(a.seed)
+        model, tokenizer = grpo.load_model(args, device)  # reloads it: 4-bit NF4 + LoRA, grpo.py's own path
+        weights = torch.cuda.memory_allocated(device) if device.type == "cuda" else current_rss()
+        print(f"loaded through grpo.load_model in {time.perf_counter() - load_start:.1f} s; "
+              f"{'CUDA allocated' if device.type == 'cuda' else 'process RSS'} {weights / GiB:.2f} GiB", flush=True)
+        eos_ids = grpo.end_of_sequence_ids(model, tokenizer)
+        sampler = grpo.build_generation_model(model) if args.generation_model == "merged" else model
+        if not a.allow_eos:  # the worst case, and a fixed workload: every completion runs to --new-tokens
+            sampler.generation_config.min_new_tokens = a.new_tokens
+            if sampler is model:
+                model.get_base_model().generation_config.min_new_tokens = a.new_tokens
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(parameters, lr=a.lr, weight_decay=0.0)
+        prompts, rng = random_prompts(tokenizer, a.prompts, a.prompt_tokens, a.seed)
+        group_prompts = [q for q in prompts for _ in range(a.group)]  # groups contiguous, as grpo.main
+        before = lora_snapshot(model)
+        records = []
+        print(f"batch: {a.prompts} prompts × G={a.group} = {len(group_prompts)} sequences, ~{a.prompt_tokens} prompt + "
+              f"{a.new_tokens} new tokens{'' if a.allow_eos else ' (EOS suppressed: all max length)'}, micro-batch "
+              f"{a.micro_batch}, β={a.beta}, μ={a.num_iterations}, LoRA r={a.lora_r}, "
+              f"gather {'NAIVE' if a.naive_gather else 'fused'}, device {device}", flush=True)
+        for step in range(a.steps):
+            seconds, peaks, used = {k: 0.0 for k in PHASES}, {k: 0 for k in PHASES}, set()
+            phase = functools.partial(measure_phase, device, seconds, peaks, used)
+
+            step_start = time.perf_counter()
+            with phase("generation"):
+                rollout = grpo.generate(sampler, tokenizer, group_prompts, args, eos_ids, args.temperature)
+            generated = int(rollout["completion_mask"].sum())
+            rewards = torch.tensor([rng.random() for _ in group_prompts])  # random: non-zero advantages
+            advantages = grpo.group_advantages(rewards, a.group, scale=args.scale_advantages)
+            batch = {"prompt_ids": rollout["prompt_ids"], "prompt_mask": rollout["prompt_mask"],
+                     "completion_ids": rollout["completion_ids"], "completion_mask": rollout["completion_mask"],
+                     "loss_mask": rollout["completion_mask"], "advantages": advantages}
+            batch = {k: v.to(device) for k, v in batch.items()}
+            if a.beta != 0:
+                with phase("reference"):
+                    batch["ref_logp"] = grpo.batch_logprobs(model, batch, args, args.temperature, reference=True)
+            if a.num_iterations > 1:
+                with phase("old"):
+                    batch["old_logp"] = grpo.batch_logprobs(model, batch, args, args.temperature)
+            denominator = grpo.loss_denominator(batch["loss_mask"], args.agg, args.max_new_tokens)
+            for _ in range(a.num_iterations):
+                with phase("policy"):
+                    optimizer.zero_grad(set_to_none=True)
+                    stats = grpo.accumulate_gradients(model, batch, args, args.temperature, denominator)
+                with phase("optimizer"):
+                    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
+                    optimizer.step()
+            if sampler is not model:
+                grpo.refresh_generation_model(model, sampler)
+            total = time.perf_counter() - step_start
+            record = {"step": step + 1, "device": device.type, "gather": "naive" if a.naive_gather else "fused",
+                      "seconds": {k: round(seconds[k], 3) for k in PHASES if k in used},
+                      "peak_gib": {k: round(peaks[k] / GiB, 3) for k in PHASES if k in used},
+                      "memory_kind": "CUDA max_memory_allocated" if device.type == "cuda" else "CPU peak RSS (process)",
+                      "step_seconds": round(total, 3), "generated_tokens": generated,
+                      "prompt_tokens": int(rollout["prompt_ids"].shape[1]),
+                      "completion_tokens": int(rollout["completion_ids"].shape[1]),
+                      "generated_tokens_per_s": round(generated / max(seconds["generation"], 1e-9), 1),
+                      "loss": stats.get("loss"), "kl": stats.get("kl"), "grad_norm": float(grad_norm)}
+            records.append(record)
+            print(json.dumps(record), flush=True)
+        after = lora_snapshot(model)
+        lora_change = max(float((after[k] - before[k]).abs().max()) for k in before)
+        print(json.dumps({"lora_max_abs_change": lora_change, "trainable_tensors": len(before)}), flush=True)
+        print_step_table(records, device)
+        return records
+    finally:
+        if cleanup:
+            shutil.rmtree(model_dir, ignore_errors=True)
+
+
+def print_step_table(records, device):
+    memory = "peak CUDA alloc GiB" if device.type == "cuda" else "peak RSS GiB (CPU)"
+    columns = "".join(f" | step {r['step']} s | {memory}" for r in records)
+    print(f"\n{'phase':<30}{columns}")
+    for name in PHASES:
+        if name not in records[0]["seconds"]:
+            continue
+        cells = "".join(f" | {r['seconds'][name]:>8.2f} | {r['peak_gib'][name]:>{len(memory)}.2f}" for r in records)
+        print(f"{PHASE_TITLES[name]:<30}{cells}")
+    cells = "".join(f" | {r['step_seconds']:>8.2f} | {'':>{len(memory)}}" for r in records)
+    print(f"{'step total (incl. measuring)':<30}{cells}")
+    print("generated tokens/s: " + ", ".join(f"step {r['step']}: {r['generated_tokens_per_s']:.0f} "
+                                             f"({r['generated_tokens']} tokens)" for r in records))
+
+
+# -----------------------------------------------------------------------------
+# Command line.
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("gather", help="naive vs fused log-prob gather: peak memory and time",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g.add_argument("--tokens", type=int, default=4096, help="N: tokens (rows)")
+    g.add_argument("--hidden", type=int, default=128, help="H: hidden size")
+    g.add_argument("--vocab", type=int, default=151936, help="V: vocabulary size (Qwen2.5's padded 151,936)")
+    g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--repeat", type=int, default=3, help="timed repetitions after one warm-up")
+    g.add_argument("--memory-mb", type=int, default=grpo.Args.logprob_memory_mb,
+                   help="the fused gather's chunk budget (grpo --logprob-memory-mb)")
+    g.add_argument("--memory-mb-sweep", type=int, nargs="*", default=None,
+                   help="several budgets to compare (each a fused row), instead of --memory-mb")
+    g.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default")
+    g.add_argument("--only", choices=("naive", "fused"), default=None, help=argparse.SUPPRESS)  # child process
+    g.add_argument("--save", default=None, help=argparse.SUPPRESS)
+    s = sub.add_parser("step", help="real GRPO steps on a random-weight model: seconds and peak memory per phase",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("--config", required=True, help="config.json of the architecture (the weights are random)")
+    s.add_argument("--tokenizer", default=None, help="tokenizer directory; default: the config's directory if it "
+                   "holds one, else ../shared/qwen2.5-tokenizer")
+    s.add_argument("--model-dir", default=None, help="where the random model is saved (kept, and reused if present); "
+                   "default: a temporary directory, deleted at the end")
+    s.add_argument("--device", default=None, help="cuda or cpu; default: cuda when available")
+    s.add_argument("--prompts", type=int, default=16, help="B: prompts per step")
+    s.add_argument("--group", type=int, default=8, help="G: completions per prompt")
+    s.add_argument("--prompt-tokens", type=int, default=256, help="random tokens per prompt (about; see docstring)")
+    s.add_argument("--new-tokens", type=int, default=256, help="completion length (max_new_tokens)")
+    s.add_argument("--micro-batch", type=int, default=16, help="sequences per forward/backward")
+    s.add_argument("--steps", type=int, default=2)
+    s.add_argument("--beta", type=float, default=0.04, help="β; 0 skips the reference pass")
+    s.add_argument("--num-iterations", type=int, default=1, help="μ; > 1 adds the old log-probs pass")
+    s.add_argument("--lora-r", type=int, default=16, help="LoRA rank (alpha = 2r, as trl_anchor.py)")
+    s.add_argument("--lr", type=float, default=1e-5)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--generation-chunk", type=int, default=0, help="sequences per generate call; 0: grpo's default")
+    s.add_argument("--generation-model", default="policy", choices=("policy", "merged"))
+    s.add_argument("--logprob-memory-mb", type=int, default=grpo.Args.logprob_memory_mb)
+    s.add_argument("--gradient-checkpointing", default=True, action=argparse.BooleanOptionalAction)
+    s.add_argument("--offload-activations", default=False, action=argparse.BooleanOptionalAction)
+    s.add_argument("--naive-gather", action="store_true", help="use a naive log_softmax + gather instead of the fused one")
+    s.add_argument("--allow-eos", action="store_true", help="let completions stop at EOS (default: forced max length)")
+    s.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    a = parse_args()
+    if a.command == "gather":
+        gather_main(a)
+    else:
+        step_main(a)
