@@ -3,6 +3,7 @@ every problem of data/code.jsonl solved by a reference solution (and failed by a
 
 import json
 import os
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -189,7 +190,16 @@ def test_every_code_problem_is_solved_by_its_reference_and_failed_by_a_wrong_ans
 
 TESTS = "assert add(2, 3) == 5\nassert add(-1, 1) == 0\n"
 SOLUTION = "def add(a, b):\n    return a + b\n"
-MARKER_FILE = "/tmp/grpo_verify_escape_{}".format(os.getpid())
+MARKER_FILE = f"/tmp/grpo_verify_escape_{os.getpid()}"
+SLEEP = f"1000.{os.getpid()}"  # a sleep argument unique to this test run
+LEAKED_TESTS = f"/tmp/grpo_verify_tests_{os.getpid()}.py"  # the tests, where a program might look for them
+# Defines add from a table read out of `path`: it passes iff it can read the hidden tests.
+FROM_TESTS = ("import re\ntable = {{(int(a), int(b)): int(c) for a, b, c in re.findall(r'add\\((-?\\d+), (-?\\d+)\\) == "
+              "(-?\\d+)', {source})}}\ndef add(a, b):\n    return table[a, b]\n")
+# Writes the harness's token to its report pipe if it can find it; `frame` is a frame of the program's.
+STEAL = ("def steal(frame):\n    while frame is not None:\n        if 'token' in frame.f_locals:\n"
+         "            import os\n            os.write(frame.f_locals['report_fd'], frame.f_locals['token'].encode())\n"
+         "            os._exit(0)\n        frame = frame.f_back\n")
 
 HOSTILE_PROGRAMS = {
     "infinite loop": "while True:\n    pass\n" + SOLUTION,
@@ -199,58 +209,158 @@ HOSTILE_PROGRAMS = {
     "raise SystemExit": SOLUTION + "raise SystemExit\n",
     "SystemExit in a function": SOLUTION + "def stop():\n    raise SystemExit(0)\nstop()\n",
     "kill itself": SOLUTION + "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n",
-    "raise_signal": SOLUTION + "import signal\nsignal.raise_signal(signal.SIGTERM)\n",
-    "child process left behind": SOLUTION + "import subprocess\nsubprocess.Popen(['sleep', '100'])\nimport sys\nsys.exit(0)\n",
+    "raise_signal SIGKILL": SOLUTION + "import signal\nsignal.raise_signal(signal.SIGKILL)\n",
+    "raise_signal SIGTERM": SOLUTION + "import signal\nsignal.raise_signal(signal.SIGTERM)\n",
+    "segfault": SOLUTION + "import faulthandler\nfaulthandler._sigsegv()\n",
+    "child process left behind": SOLUTION + f"import subprocess\nsubprocess.Popen(['sleep', '{SLEEP}'])\nimport sys\nsys.exit(0)\n",
     "fork": SOLUTION + "import os, time\nif os.fork() == 0:\n    time.sleep(100)\n",
     "double fork daemon": SOLUTION + "import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n        time.sleep(100)\n",
-    "os.system": SOLUTION + "import os\nos.system('sleep 100 &')\n",
+    "os.system": SOLUTION + f"import os\nos.system('sleep {SLEEP} &')\n",
     "multiprocessing": SOLUTION + "import multiprocessing, time\nmultiprocessing.Process(target=time.sleep, args=(100,)).start()\n",
+    "_posixsubprocess, new session, clean environment": SOLUTION + (
+        "import _posixsubprocess, os\nr, w = os.pipe()\n_posixsubprocess.fork_exec([b'/bin/sleep', b'" + SLEEP + "'], "
+        "[b'/bin/sleep'], True, (w,), None, [b'PATH=/bin'], -1, -1, -1, -1, -1, -1, r, w, True, True, -1, None, None, "
+        "None, -1, None, False)\n"),
+    "ctypes": SOLUTION + "import ctypes\nctypes.CDLL(None).exit(0)\n",
     "memory bomb": "x = bytearray(8 * 1024 ** 3)\n" + SOLUTION,
     "memory bomb list": "x = [1] * (10 ** 10)\n" + SOLUTION,
+    "memory bomb, growing": "x = []\nwhile True:\n    x.append(' ' * 10 ** 6)\n" + SOLUTION,
     "50 MB of output": "import sys\nsys.stdout.write('x' * 50_000_000)\nsys.exit(0)\n",
     "write outside its directory": f"open({MARKER_FILE!r}, 'w').write('x')\n" + SOLUTION,
     "os.open outside": f"import os\nos.close(os.open({MARKER_FILE!r}, os.O_WRONLY | os.O_CREAT))\n" + SOLUTION,
+    "mkfifo outside": f"import os\nos.mkfifo({MARKER_FILE!r})\n" + SOLUTION,
+    "sqlite outside": f"import sqlite3\nsqlite3.connect({MARKER_FILE!r}).execute('create table t (x)')\n" + SOLUTION,
+    "symlink out, then write": f"import os\nos.symlink({MARKER_FILE!r}, 'link')\nopen('link', 'w').write('x')\n" + SOLUTION,
+    "chdir out, then write": f"import os\nos.chdir('/tmp')\nopen({os.path.basename(MARKER_FILE)!r}, 'w').write('x')\n" + SOLUTION,
     "huge file": "open('big', 'wb').write(b'x' * (50 * 1024 ** 2))\n" + SOLUTION,
     "All tests passed": "print('All tests passed')\nprint('OK')\nimport sys\nsys.exit(0)\n",
     "fake token on stdout": "import sys\nprint('PASS ' * 100)\nsys.stdout.flush()\nimport os\nos._exit(0)\n",
-    "assert disabled by exiting in tests' place": "import atexit, os\natexit.register(lambda: os._exit(0))\nraise SystemExit\n",
+    "exit from atexit": "import atexit, os\natexit.register(lambda: os._exit(0))\nraise SystemExit\n",
     "raise rlimit": "import resource\nresource.setrlimit(resource.RLIMIT_AS, (-1, -1))\nx = bytearray(8 * 1024 ** 3)\n" + SOLUTION,
+    "read the tests from stdin": FROM_TESTS.format(source="__import__('sys').stdin.read()"),
+    "read the tests from a file": FROM_TESTS.format(source=f"open({LEAKED_TESTS!r}).read()"),
+    "read the tests via os.open": FROM_TESTS.format(source=f"__import__('os').read(__import__('os').open({LEAKED_TESTS!r}, 0), 9999).decode()"),
+    "token from sys._getframe": STEAL + "import sys\nsteal(sys._getframe())\n",
+    "token from a traceback": STEAL + "try:\n    1 / 0\nexcept ZeroDivisionError as e:\n    steal(e.__traceback__.tb_frame)\n",
+    "token from a generator": STEAL + "def g():\n    yield\nit = g()\nsteal(it.gi_frame)\n",
+    "token from a signal handler": STEAL + "import signal\nsignal.signal(signal.SIGUSR1, lambda n, frame: steal(frame))\nsignal.raise_signal(signal.SIGUSR1)\n",
+    "token from gc": "import gc, os, re\nfor o in gc.get_objects():\n    pass\n" + SOLUTION,
+    "token from /proc/self/mem": "data = open('/proc/self/mem', 'rb')\n" + SOLUTION,
+    "settrace to skip the asserts": SOLUTION.replace("a + b", "0") + "import sys\nsys.settrace(lambda *a: None)\n",
+    "audit hook reading the tests": "import sys\nsys.addaudithook(lambda event, args: None)\n" + SOLUTION.replace("a + b", "0"),
+    "always-equal object": "class Anything:\n    def __eq__(self, other):\n        return True\n    __hash__ = None\ndef add(a, b):\n    return Anything()\n",
+    "int subclass equal to everything": "class Int(int):\n    def __eq__(self, other):\n        return True\ndef add(a, b):\n    return Int(0)\n",
+    "list hiding always-equal objects": "class Anything:\n    def __eq__(self, other):\n        return True\nclass L(list):\n"
+        "    def __iter__(self):\n        return iter([])\ndef add(a, b):\n    return L([Anything()])\n",
+    "bound builtin as __eq__": "class Ne:\n    __eq__ = ''.__ne__\ndef add(a, b):\n    return Ne()\n",
+    "patch a stdlib class's ==": "import fractions\nfractions.Fraction.__eq__ = lambda s, o: True\ndef add(a, b):\n    return fractions.Fraction(0)\n",
+    "metaclass that equals int": "class Meta(type):\n    def __eq__(cls, other):\n        return True\n    __hash__ = type.__hash__\nclass Fake(metaclass=Meta):\n    def __eq__(self, other):\n        return True\ndef add(a, b):\n    return Fake()\n",
+    "replace a builtin the tests use": "import builtins\nbuiltins.abs = lambda x: 0\ndef add(a, b):\n    return 0\n",
+    "shadow a builtin the tests use": "def abs(x):\n    return 0\ndef add(a, b):\n    return 0\n",
+    "patch builtins while being tested": "import builtins\ndef add(a, b):\n    builtins.abs = lambda x: 0\n    return 0\n",
+    "rebind the tests' helper": "def add(a, b):\n    globals()['__same__'] = lambda a, b: True\n    return 0\n",
+    "socket": "import socket\nsocket.socket()\n" + SOLUTION,
+    "kill the parent": "import os, signal\nos.kill(os.getppid(), signal.SIGCONT)\n" + SOLUTION,
 }
+TESTS_USING_ABS = TESTS + "assert abs(add(2, 3) - 5) < 1e-9\nassert [add(1, 1)] == [2]\n"
 
 
-def processes_with(text):
+def marked_processes():
+    """Processes carrying this test process's sandbox marker, and sleeps with our unique argument."""
     found = []
     for pid in os.listdir("/proc"):
         if pid.isdigit():
             try:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    environ = f.read()
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if text.encode() in f.read():
-                        found.append(pid)
+                    cmdline = f.read()
             except OSError:
-                pass
+                continue
+            if f"{verify.MARKER_VAR}={os.getpid()}-".encode() in environ or SLEEP.encode() in cmdline:
+                found.append(pid)
     return found
 
 
+def our_workdirs():
+    return [d for d in os.listdir(tempfile.gettempdir()) if d.startswith(f"grpo_code_{os.getpid()}_")]
+
+
+def check_nothing_left_behind():
+    time.sleep(0.05)
+    assert marked_processes() == []  # no child outlived the call
+    assert not os.path.lexists(MARKER_FILE)
+    assert our_workdirs() == []
+
+
+@pytest.fixture
+def leaked_tests():
+    Path(LEAKED_TESTS).write_text(TESTS_USING_ABS)
+    yield
+    os.remove(LEAKED_TESTS)
+
+
 @pytest.mark.parametrize("name", list(HOSTILE_PROGRAMS))
-def test_hostile_program_scores_zero_in_time_and_leaves_nothing_behind(name):
-    import tempfile
-    before = set(os.listdir(tempfile.gettempdir()))
-    sleepers = set(processes_with("sleep"))
+def test_hostile_program_scores_zero_in_time_and_leaves_nothing_behind(name, leaked_tests):
     start = time.monotonic()
-    assert code_reward(f"```python\n{HOSTILE_PROGRAMS[name]}```", TESTS, timeout=2.0) == 0.0
+    assert code_reward(f"```python\n{HOSTILE_PROGRAMS[name]}```", TESTS_USING_ABS, timeout=2.0) == 0.0
     assert time.monotonic() - start < 2.0 + 2.0
-    time.sleep(0.1)
-    assert set(processes_with("sleep")) - sleepers == set()  # no child outlived the call
-    assert not os.path.exists(MARKER_FILE)
-    assert {d for d in set(os.listdir(tempfile.gettempdir())) - before if d.startswith("grpo_code_")} == set()
+    check_nothing_left_behind()
+
+
+def test_the_hostile_programs_that_read_the_tests_would_pass_if_they_could(leaked_tests):
+    # So that their 0.0 above means "could not read the tests", not "the program is broken".
+    program = FROM_TESTS.format(source=repr(TESTS))
+    assert code_reward(program, TESTS) == 1.0
+
+
+LEFT_BEHIND = ["child process left behind", "fork", "double fork daemon", "os.system", "multiprocessing"]
+
+
+@pytest.mark.parametrize("name", LEFT_BEHIND)
+def test_without_the_audit_hook_the_cleanup_still_kills_every_process(name):
+    # The audit hook refuses these; here it is off, so this checks the second layer: the kill scan.
+    assert verify.run_tests(HOSTILE_PROGRAMS[name].replace("import sys\nsys.exit(0)\n", ""), "x = 1",
+                            timeout=2.0, audit=False) is True  # they pass: what matters is what is left
+    check_nothing_left_behind()
 
 
 def test_a_correct_program_passes_even_with_output_and_no_fence():
     assert code_reward(SOLUTION, TESTS) == 1.0  # no fence: the whole completion is the program
-    assert code_reward("print('x' * 100000)\n" + SOLUTION, TESTS) == 1.0
+    assert code_reward("print('x' * 1_000_000)\n" + SOLUTION, TESTS) == 1.0
     assert code_reward(f"```python\nwrong = 1\n```\nthen\n```python\n{SOLUTION}```", TESTS) == 1.0  # the last block
     assert code_reward(SOLUTION + "import sys\ndef unused():\n    sys.exit(0)\n", TESTS) == 1.0
     assert code_reward(SOLUTION.replace("a + b", "a - b"), TESTS) == 0.0
+    assert code_reward(SOLUTION, TESTS_USING_ABS) == 1.0
+    check_nothing_left_behind()
+
+
+def test_ordinary_library_code_works_in_the_sandbox():
+    program = """
+import collections, dataclasses, enum, functools, heapq, itertools, math, re, statistics, typing, tempfile
+from fractions import Fraction
+Point = collections.namedtuple("Point", "x y")
+class Pair(typing.NamedTuple):
+    a: int
+    b: int
+@dataclasses.dataclass
+class Box:
+    v: int
+class Color(enum.Enum):
+    RED = 1
+@functools.lru_cache(None)
+def fib(n):
+    return n if n < 2 else fib(n - 1) + fib(n - 2)
+with open("scratch.txt", "w") as f:  # its own directory is writable
+    f.write("ok")
+with tempfile.TemporaryFile() as f:  # TMPDIR is its own directory
+    f.write(b"ok")
+def add(a, b):
+    return float(a + b) + fib(0) + statistics.mean([0]) + heapq.nsmallest(1, [0])[0] + Color.RED.value - 1
+"""
+    tests = TESTS + ("assert add(1, 1) == 2.0 == 2\nassert Point(1, 2) == (1, 2)\nassert Box(1) == Box(1)\n"
+                     "assert collections.OrderedDict(a=1) == {'a': 1} != {'a': 2}\nassert [Pair(1, 2)] == [(1, 2)]\n")
+    assert code_reward(program, tests) == 1.0
 
 
 def test_code_reward_runs_in_parallel_threads():
@@ -258,9 +368,19 @@ def test_code_reward_runs_in_parallel_threads():
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(lambda p: code_reward(p, TESTS), programs))
     assert results == [1.0 if i % 2 == 0 else 0.0 for i in range(16)]
+    check_nothing_left_behind()
 
 
 def test_the_child_gets_no_inherited_secrets(monkeypatch):
     monkeypatch.setenv("GRPO_TEST_SECRET", "hunter2")
     leak = "import os\nassert 'GRPO_TEST_SECRET' not in os.environ\n" + SOLUTION
     assert code_reward(leak, TESTS) == 1.0
+
+
+def test_code_reward_never_raises():
+    for completion, tests in ((None, TESTS), (SOLUTION, None), ("\x00", TESTS), (SOLUTION, "assert (")):
+        assert code_reward(completion, tests, timeout=2.0) == 0.0
+
+
+def test_registry_names_every_reward():
+    assert verify.REWARDS == {"math": math_reward, "code": code_reward}
