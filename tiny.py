@@ -18,17 +18,13 @@ import torch
 
 
 def word_tokenizer():
-    """A word-level tokenizer: the digits, the words of grpo.py's plain prompt template, and an EOS.
-    Anything else is [UNK]. Small vocabulary = a random model's output is not hopelessly diffuse."""
+    """A word-level tokenizer: an EOS, [UNK], the ten digits and the words of the toy task's prompt.
+    Everything else (grpo.py's instructions) is [UNK]. A vocabulary of 16 keeps a random model's first
+    guesses near chance (1/16) rather than hopelessly diffuse: RL needs some reward to start from."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    import grpo
-    words = set()
-    for text in (grpo.PLAIN_TEMPLATE, grpo.MATH_INSTRUCTION, "copy the number"):
-        words.update(pre_tokenizers.Whitespace().pre_tokenize_str(text.replace("\\", " \\ ")))
-    vocab = ["<|endoftext|>", "[UNK]"] + [str(d) for d in range(10)]
-    vocab += sorted({w for w, _ in words} - set(vocab))
+    vocab = ["<|endoftext|>", "[UNK]"] + [str(d) for d in range(10)] + ["copy", "the", "number"]
     tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
@@ -41,7 +37,7 @@ def build_tiny_model(out_dir, tokenizer_dir=None, hidden=64, layers=2, heads=4, 
     from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir else word_tokenizer()
     eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    vocab_size = (len(tokenizer) + 63) // 64 * 64  # padded rows, as real checkpoints have
+    vocab_size = (len(tokenizer) + 15) // 16 * 16  # padded rows, as real checkpoints have
     config = Qwen2Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
                          bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, tie_word_embeddings=False)
@@ -63,10 +59,78 @@ def write_copy_task(path, n, seed=0, digits=1):
     return path
 
 
+# -----------------------------------------------------------------------------
+# `python tiny.py learn`: GRPO on the copy task through exactly grpo.main (4-bit base, LoRA, generate,
+# verify.math_reward with lenient extraction, group advantages, fused log-probs, clipped loss, KL).
+
+# The defaults of the learning run; any grpo.py flag given on the command line overrides them.
+LEARN_FLAGS = ["--device", "cpu", "--no-chat-template", "--no-strict", "--format-weight", "0",
+               "--eval-every", "0", "--save-every", "0", "--sample-every", "0", "--reward-workers", "2",
+               "--prompts-per-step", "8", "--group-size", "16", "--max-new-tokens", "2", "--temperature", "0.7",
+               "--micro-batch", "128", "--generation-chunk", "128", "--no-gradient-checkpointing",
+               "--lora-rank", "32", "--lora-alpha", "64", "--lr", "3e-3", "--lr-schedule", "cosine",
+               "--warmup-steps", "5", "--steps", "100"]
+MODEL = dict(hidden=256, layers=2, heads=4, kv_heads=2)
+
+
+def learn_args(work_dir, argv=(), model_seed=0, hidden=MODEL["hidden"], layers=MODEL["layers"], items=1000):
+    """Build the tiny model and the task under work_dir; return grpo.Args for the learning run."""
+    import grpo
+    model_dir = os.path.join(work_dir, f"model-h{hidden}-l{layers}-s{model_seed}")
+    if not os.path.isdir(model_dir):
+        build_tiny_model(model_dir, hidden=hidden, layers=layers, heads=MODEL["heads"], kv_heads=MODEL["kv_heads"],
+                         seed=model_seed)
+    data = write_copy_task(os.path.join(work_dir, "copy.jsonl"), items, seed=0)
+    return grpo.parse_args(["--model", model_dir, "--data", data, "--out-dir", work_dir, "--run-name", "learn"]
+                           + LEARN_FLAGS + list(argv))
+
+
+def rolling(values, window=5):
+    return [sum(values[max(0, i + 1 - window): i + 1]) / len(values[max(0, i + 1 - window): i + 1])
+            for i in range(len(values))]
+
+
+def summarize(metrics, threshold=0.9, window=5):
+    """First/last-window mean reward, and the first step (and seconds) where the rolling mean reaches threshold."""
+    steps = [m for m in metrics if "reward/mean" in m]
+    rewards = [m["reward/mean"] for m in steps]
+    seconds = [sum(m["time/step_s"] for m in steps[: i + 1]) for i in range(len(steps))]
+    reached = next((i for i, r in enumerate(rolling(rewards, window)) if r >= threshold), None)
+    return {"first": sum(rewards[:window]) / max(1, len(rewards[:window])),
+            "last": sum(rewards[-window:]) / max(1, len(rewards[-window:])),
+            "steps_to_threshold": None if reached is None else steps[reached]["step"],
+            "seconds_to_threshold": None if reached is None else seconds[reached], "seconds": seconds[-1] if seconds else 0}
+
+
+def learn(argv):
+    """python tiny.py learn [--run-dir DIR] [--hidden H] [--layers L] [any grpo.py flag, e.g. --seed 1 --agg token --beta 0.04]"""
+    import argparse
+    import tempfile
+
+    import grpo
+    parser = argparse.ArgumentParser(usage=learn.__doc__)
+    parser.add_argument("--run-dir", default="")
+    parser.add_argument("--hidden", type=int, default=MODEL["hidden"])
+    parser.add_argument("--layers", type=int, default=MODEL["layers"])
+    parser.add_argument("--seed", type=int, default=0)
+    ours, rest = parser.parse_known_args(argv)
+    work_dir = ours.run_dir or tempfile.mkdtemp(prefix="tiny-learn-")
+    args = learn_args(work_dir, ["--seed", str(ours.seed)] + rest, model_seed=ours.seed, hidden=ours.hidden,
+                      layers=ours.layers)
+    result = grpo.main(args)
+    s = summarize(result["metrics"])
+    print(f"copy task: mean reward over the first 5 steps {s['first']:.3f}, last 5 steps {s['last']:.3f}; "
+          f"rolling-5 mean >= 0.9 at step {s['steps_to_threshold']} ({s['seconds_to_threshold'] or float('nan'):.0f} s)")
+    grpo.main(grpo.Args(plot=os.path.join(args.out_dir, args.run_name)))
+    return result
+
+
 if __name__ == "__main__":
     command = sys.argv[1] if len(sys.argv) > 1 else "learn"
     if command == "model":
         tokenizer_dir = sys.argv[sys.argv.index("--tokenizer") + 1] if "--tokenizer" in sys.argv else None
         print(build_tiny_model(sys.argv[2], tokenizer_dir))
+    elif command == "learn":
+        learn(sys.argv[2:])
     else:
-        raise SystemExit(f"usage: python tiny.py model DIR [--tokenizer DIR] | learn  (got {command!r})")
+        raise SystemExit(f"usage: python tiny.py model DIR [--tokenizer DIR] | learn [flags]  (got {command!r})")
