@@ -27,7 +27,7 @@ bench.py -- measurements behind the README's Performance section. Two subcommand
 
       Full size (one 80 GB GPU):  python bench.py step --config ../shared/qwen2.5-14b/config.json
                                       --tokenizer ../shared/qwen2.5-tokenizer
-      Tiny, on a CPU:             write a small Qwen2 config.json (see test_bench.py) and pass it.
+      Tiny, on a CPU:             write a small Qwen2 config.json (see TINY_CONFIG in test_grpo.py) and pass it.
 
 Memory. CUDA: torch.cuda.max_memory_allocated, reset at the start of each measurement. CPU: the
 process's peak resident set size (resource.getrusage ru_maxrss). ru_maxrss is a lifetime peak, so
