@@ -935,7 +935,8 @@ def main(args: Args):
         check_resume_args(resume_from, args)
         out_dir, run_name = os.path.split(os.path.abspath(args.resume.rstrip("/")))
         args = dataclasses.replace(args, out_dir=out_dir, run_name=run_name)  # the caller's args stay as they were
-    run_name = args.run_name or time.strftime("grpo-%Y%m%d-%H%M%S")
+    # Ranks start a second apart: rank 0's timestamp names the run for all of them.
+    run_name = all_gather(args.run_name or time.strftime("grpo-%Y%m%d-%H%M%S"))[0]
     run_dir = os.path.join(args.out_dir, run_name)
     train_items = [] if args.eval_only else load_items(args.data)
     eval_items = load_items(args.eval_data) if (args.eval_every > 0 or args.eval_only) else []
@@ -955,6 +956,7 @@ def main(args: Args):
         log(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
         return {"model": model, "metrics": [result]}
 
+    # Only the LoRA adapters train: peft froze the 4-bit base, so AdamW's state is ~3× the adapter size.
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, args))
@@ -988,7 +990,7 @@ def main(args: Args):
 
     history, bad_steps, step = [], 0, start_step
     try:
-        if eval_items and start_step == 0:
+        if eval_items and start_step == 0:  # the base model's score: the "before" of the run
             history.append({"step": 0, **evaluate(sampler, tokenizer, eval_items, args, eos_ids, pool, rank, world_size)})
             log(f"eval step 0 | acc strict {history[-1]['eval/accuracy_strict']:.3f} "
                 f"| lenient {history[-1]['eval/accuracy_lenient']:.3f} | format {history[-1]['eval/format_rate']:.3f}")
@@ -998,7 +1000,7 @@ def main(args: Args):
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             step_start = time.time()
-            temperature = temperature_at(step, args)
+            temperature = temperature_at(step, args)  # sampling and log-probs use the same one: same policy
 
             # 1. Rollout: this rank's share of the step's prompts, each repeated G times (groups contiguous).
             indices = batch_indices(step, args.prompts_per_step, len(train_items), args.seed)
@@ -1015,7 +1017,8 @@ def main(args: Args):
             if args.overlong == "penalty":
                 rewards = rewards - args.overlong_penalty * truncated.float()
             advantages = group_advantages(rewards, args.group_size, scale=args.scale_advantages)  # [N]
-            zero_std = (rewards.view(-1, args.group_size) == rewards.view(-1, args.group_size)[:, :1]).all(dim=1)  # [B]
+            # All-zero advantages happen exactly for zero-std groups (otherwise some deviation is non-zero).
+            zero_std = (advantages.view(-1, args.group_size) == 0).all(dim=1)  # [B]
             # The loss mask: completion tokens, minus masked-out truncations and dropped groups.
             keep = torch.ones_like(rewards, dtype=torch.bool)  # [N]
             if args.overlong == "mask":
