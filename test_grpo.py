@@ -19,7 +19,10 @@ import grpo
 import tiny
 
 ROOT = Path(__file__).resolve().parent
-SHARED = ROOT.parent / "shared"
+# The project's shared/ folder (tokenizer, GSM8K, the 14B config) sits beside the checkout; GRPO_SHARED overrides.
+SHARED = Path(os.environ.get("GRPO_SHARED", ROOT.parent / "shared"))
+if not (SHARED / "qwen2.5-tokenizer").is_dir():
+    pytest.exit(f"the tests need the shared/ folder beside the checkout (looked in {SHARED}; set GRPO_SHARED)", 2)
 TOKENIZER = SHARED / "qwen2.5-tokenizer"
 GSM8K_TRAIN = SHARED / "data" / "gsm8k" / "train.jsonl"
 

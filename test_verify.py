@@ -14,7 +14,7 @@ import verify
 from verify import code_reward, extract_answer, format_reward, math_reward
 
 ROOT = Path(__file__).resolve().parent
-GSM8K_TEST = ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
+GSM8K_TEST = Path(os.environ.get("GRPO_SHARED", ROOT.parent / "shared")) / "data" / "gsm8k" / "test.jsonl"
 CODE = ROOT / "data" / "code.jsonl"
 
 # -----------------------------------------------------------------------------
