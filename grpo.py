@@ -452,16 +452,18 @@ def generate(model, tokenizer, prompts, args: Args, eos_ids, temperature, greedy
 # Reward: verify.py decides what is correct; this only weighs and batches. Add a task in verify.py.
 
 
+def verify_completion(text, item, args: Args, strict) -> tuple[float, float]:
+    """(correct, formatted) of one completion: verify.py's verdicts for its item's kind (code or math)."""
+    if "tests" in item:
+        return code_reward(text, item["tests"], timeout=args.code_timeout), format_reward(text, kind="code")
+    return math_reward(text, item["answer"], strict=strict), format_reward(text, kind="math")
+
+
 def score(completions, items, args: Args, pool) -> dict:
     """Reward each completion (items[i] is completion i's item). Returns float tensors [N]:
     reward = correct_weight·correct + format_weight·formatted (overlong penalty applied later)."""
-    def score_one(pair):
-        text, item = pair
-        if "tests" in item:
-            return code_reward(text, item["tests"], timeout=args.code_timeout), format_reward(text, kind="code")
-        return math_reward(text, item["answer"], strict=args.strict), format_reward(text, kind="math")
-    correct, formatted = (torch.tensor(column, dtype=torch.float32)
-                          for column in zip(*pool.map(score_one, zip(completions, items))))
+    verdicts = pool.map(lambda pair: verify_completion(*pair, args, args.strict), zip(completions, items))
+    correct, formatted = (torch.tensor(column, dtype=torch.float32) for column in zip(*verdicts))
     rewards = args.correct_weight * correct + args.format_weight * formatted
     return dict(rewards=rewards, correct=correct, formatted=formatted)
 
@@ -736,11 +738,10 @@ def evaluate(model, tokenizer, items, args: Args, eos_ids, pool, rank=0, world_s
 
         def score_one(pair):
             text, item = pair
-            if "tests" in item:
-                passed = code_reward(text, item["tests"], timeout=args.code_timeout)
-                return passed, passed, format_reward(text, kind="code")
-            return (math_reward(text, item["answer"], strict=True), math_reward(text, item["answer"], strict=False),
-                    format_reward(text, kind="math"))
+            strict, formatted = verify_completion(text, item, args, strict=True)
+            # Lenient extraction only exists for math; a code verdict is the same either way (and costly).
+            lenient = strict if "tests" in item else verify_completion(text, item, args, strict=False)[0]
+            return strict, lenient, formatted
         scores = list(pool.map(score_one, zip(texts, shard)))
         strict, lenient, formatted = (sum(column) for column in zip(*scores))
     totals = np.sum(all_gather([strict, lenient, formatted, len(shard)]), axis=0)
@@ -989,13 +990,18 @@ def main(args: Args):
     previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
 
     history, bad_steps, step = [], 0, start_step
+
+    def run_evaluation(at_step):
+        """Held-out eval: one printed line, a record in history and metrics.jsonl."""
+        result = {"step": at_step, **evaluate(sampler, tokenizer, eval_items, args, eos_ids, pool, rank, world_size)}
+        log(f"eval step {at_step} | acc strict {result['eval/accuracy_strict']:.3f} "
+            f"| lenient {result['eval/accuracy_lenient']:.3f} | format {result['eval/format_rate']:.3f}")
+        history.append(result)
+        if is_main:
+            append_jsonl(metrics_path, [result])
     try:
         if eval_items and start_step == 0:  # the base model's score: the "before" of the run
-            history.append({"step": 0, **evaluate(sampler, tokenizer, eval_items, args, eos_ids, pool, rank, world_size)})
-            log(f"eval step 0 | acc strict {history[-1]['eval/accuracy_strict']:.3f} "
-                f"| lenient {history[-1]['eval/accuracy_lenient']:.3f} | format {history[-1]['eval/format_rate']:.3f}")
-            if is_main:
-                append_jsonl(metrics_path, history[-1:])
+            run_evaluation(0)
         for step in range(start_step, args.steps):
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -1109,12 +1115,7 @@ def main(args: Args):
             stop["requested"] = any(all_gather(stop["requested"]))
             last = step + 1 == args.steps or stop["requested"]
             if eval_items and args.eval_every > 0 and ((step + 1) % args.eval_every == 0 or last):
-                result = {"step": step + 1, **evaluate(sampler, tokenizer, eval_items, args, eos_ids, pool, rank, world_size)}
-                log(f"eval step {step + 1} | acc strict {result['eval/accuracy_strict']:.3f} "
-                    f"| lenient {result['eval/accuracy_lenient']:.3f} | format {result['eval/format_rate']:.3f}")
-                history.append(result)
-                if is_main:
-                    append_jsonl(metrics_path, [result])
+                run_evaluation(step + 1)
             if last or (args.save_every > 0 and (step + 1) % args.save_every == 0):
                 rng_states = all_gather(rng_state())
                 if is_main:
