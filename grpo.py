@@ -320,7 +320,12 @@ def load_model(args: Args, device: torch.device):
     if args.gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen inputs (no enable_input_require_grads hack).
         # It is only active in train mode: generate runs in eval mode and keeps its KV cache.
-        model.activation_checkpointing_enable({"use_reentrant": False})
+        # transformers >= 5.24 calls it activation_checkpointing_enable; older ones (5.17 on many GPU
+        # images, 4.5x) only have gradient_checkpointing_enable. The same switch under either name.
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.adapter:  # --eval-only of a saved adapter
         model = PeftModel.from_pretrained(model, args.adapter, is_trainable=False)
     else:
