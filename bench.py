@@ -45,10 +45,12 @@ import os
 import random
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import torch
@@ -150,6 +152,9 @@ def gather_child(a):
     if a.only == "naive":
         def run():
             return naive_token_logprobs(hidden, weight, targets, a.temperature)
+    elif a.only == "fused-copy":  # the gather before: lm_head cast to a float32 copy for the call
+        def run():
+            return grpo.token_logprobs(hidden, weight.float(), targets, a.temperature, memory_mb=a.memory_mb)
     else:
         def run():
             return grpo.token_logprobs(hidden, weight, targets, a.temperature, memory_mb=a.memory_mb)
@@ -173,7 +178,7 @@ def gather_child(a):
             times.append(time.perf_counter() - start)
     if a.save:
         torch.save({"logprobs": out.float().cpu(), "grad": hidden.grad.float().cpu()}, a.save)
-    chunk_rows = grpo.gather_chunk_rows(a.vocab, a.memory_mb) if a.only == "fused" else a.tokens
+    chunk_rows = grpo.gather_chunk_rows(a.vocab, a.memory_mb) if a.only != "naive" else a.tokens
     print(json.dumps({"impl": a.only, "peak_extra_bytes": peak.extra, "memory_kind": peak.kind,
                       "median_s": statistics.median(times), "times_s": times, "chunk_rows": min(chunk_rows, a.tokens),
                       "threads": torch.get_num_threads()}), flush=True)
@@ -190,6 +195,8 @@ def gather_main(a):
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         runs = [("naive", a.memory_mb)] + [("fused", mb) for mb in budgets]
+        if a.compare_copy:  # what the float32 copy of a 16-bit lm_head used to cost
+            runs.append(("fused-copy", a.memory_mb))
         for impl, mb in runs:
             save = os.path.join(tmp, f"{impl}-{mb}.pt")
             command = [sys.executable, os.path.abspath(__file__), "gather", "--only", impl, "--tokens", str(a.tokens),
@@ -212,13 +219,13 @@ def gather_main(a):
     summary = []
     for row in rows:
         name = "naive log_softmax+gather" if row["impl"] == "naive" else \
-            f"fused ({row['memory_mb']} MB, {row['chunk_rows']} rows)"
+            f"{row['impl']} ({row['memory_mb']} MB, {row['chunk_rows']} rows)"
         memory_ratio = naive["peak_extra_bytes"] / max(row["peak_extra_bytes"], 1)
         time_ratio = row["median_s"] / naive["median_s"]
         print(f"{name:<28} {row['peak_extra_bytes'] / MiB:>15.1f} {row['median_s']:>8.3f} {memory_ratio:>15.1f} "
               f"{time_ratio:>16.2f}")
         diff = {}
-        if row["impl"] == "fused":
+        if row["impl"] != "naive":
             diff = {key: float((row["result"][key] - naive["result"][key]).abs().max()) for key in ("logprobs", "grad")}
         summary.append({"impl": row["impl"], "memory_mb": row["memory_mb"], "chunk_rows": row["chunk_rows"],
                         "peak_extra_mib": round(row["peak_extra_bytes"] / MiB, 1), "median_s": round(row["median_s"], 4),
@@ -226,7 +233,7 @@ def gather_main(a):
                         "time_ratio_this_over_naive": round(time_ratio, 3),
                         **{f"max_abs_diff_{k}": v for k, v in diff.items()}})
     for s in summary[1:]:
-        print(f"fused ({s['memory_mb']} MB) vs naive: max abs diff log-probs {s['max_abs_diff_logprobs']:.2e}, "
+        print(f"{s['impl']} ({s['memory_mb']} MB) vs naive: max abs diff log-probs {s['max_abs_diff_logprobs']:.2e}, "
               f"input gradient {s['max_abs_diff_grad']:.2e}")
     print(json.dumps({"gather": summary, "tokens": a.tokens, "hidden": a.hidden, "vocab": a.vocab, "dtype": a.dtype,
                       "device": device.type, "memory_kind": naive["memory_kind"]}))
@@ -237,11 +244,18 @@ def gather_main(a):
 # step: real GRPO steps through grpo.py's functions on a random-weight model.
 
 
-def build_random_model(config_path, tokenizer, model_dir, device, seed=0):
-    """Random weights of config_path's architecture, saved with the tokenizer so grpo.load_model reads it
+def build_random_model(config_path, tokenizer, model_dir, device, seed=0, layers=0):
+    """Random weights of config_path's architecture (with `layers` blocks instead of the config's when > 0:
+    the same width and vocabulary, fewer layers), saved with the tokenizer so grpo.load_model reads it
     exactly like a downloaded checkpoint."""
     from transformers import AutoConfig, AutoModelForCausalLM
     config = AutoConfig.from_pretrained(config_path)
+    if layers:
+        config.num_hidden_layers = layers
+        if getattr(config, "max_window_layers", None):
+            config.max_window_layers = min(config.max_window_layers, layers)
+        if getattr(config, "layer_types", None):
+            config.layer_types = config.layer_types[:layers]
     if len(tokenizer) > config.vocab_size:
         raise SystemExit(f"bench.py: error: the tokenizer has {len(tokenizer)} tokens, more than the config's "
                          f"vocab_size {config.vocab_size}")
@@ -290,6 +304,70 @@ PHASE_TITLES = {"generation": "generation (grpo.generate)", "reference": "refere
                 "old": "old log-probs (μ > 1)", "policy": "policy forward+backward", "optimizer": "optimizer (clip+AdamW)"}
 
 
+# Settings a --variants entry may change; the rest come from the command line.
+VARIANT_KEYS = ("name", "generation_model", "offload_activations", "prompts", "group", "new_tokens", "micro_batch",
+                "steps", "warmup_new_tokens", "reuse_rollout", "generation_chunk")
+
+
+def step_args(a, model_dir, device, variant, new_tokens):
+    return grpo.Args(model=model_dir, device=device.type, prompts_per_step=variant["prompts"], group_size=variant["group"],
+                     max_new_tokens=new_tokens, micro_batch=variant["micro_batch"], beta=a.beta,
+                     num_iterations=a.num_iterations, lora_rank=a.lora_r, lora_alpha=2 * a.lora_r, lr=a.lr,
+                     steps=variant["steps"], seed=a.seed, generation_chunk=variant["generation_chunk"],
+                     logprob_memory_mb=a.logprob_memory_mb, gradient_checkpointing=a.gradient_checkpointing,
+                     offload_activations=variant["offload_activations"], generation_model=variant["generation_model"])
+
+
+def bench_step(model, sampler, tokenizer, prompts, args, eos_ids, optimizer, rng, device, allow_eos, batch=None):
+    """One GRPO step through grpo.py's functions, timed per phase. With `batch` (a previous step's rollout)
+    generation is skipped and that batch is trained on again (to compare training settings on one rollout)."""
+    seconds, peaks, used = {k: 0.0 for k in PHASES}, {k: 0 for k in PHASES}, set()
+    phase = functools.partial(measure_phase, device, seconds, peaks, used)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    step_start = time.perf_counter()
+    chunk = None
+    if batch is None:
+        if not allow_eos:  # the worst case, and a fixed workload: every completion runs to max_new_tokens
+            for config in {id(c): c for c in (sampler.generation_config, model.get_base_model().generation_config)}.values():
+                config.min_new_tokens = args.max_new_tokens
+        with phase("generation"):
+            rollout = grpo.generate(sampler, tokenizer, prompts, args, eos_ids, args.temperature)
+        chunk = rollout.get("generation_chunk")
+        rewards = torch.tensor([rng.random() for _ in prompts])  # random: non-zero advantages
+        advantages = grpo.group_advantages(rewards, args.group_size, scale=args.scale_advantages)
+        batch = {"prompt_ids": rollout["prompt_ids"], "prompt_mask": rollout["prompt_mask"],
+                 "completion_ids": rollout["completion_ids"], "completion_mask": rollout["completion_mask"],
+                 "loss_mask": rollout["completion_mask"], "advantages": advantages}
+        batch = {k: v.to(device) for k, v in batch.items()}
+    batch = {k: v for k, v in batch.items() if k not in ("ref_logp", "old_logp")}
+    if args.beta != 0:
+        with phase("reference"):
+            batch["ref_logp"] = grpo.batch_logprobs(model, batch, args, args.temperature, reference=True)
+    if args.num_iterations > 1:
+        with phase("old"):
+            batch["old_logp"] = grpo.batch_logprobs(model, batch, args, args.temperature)
+    denominator = grpo.loss_denominator(batch["loss_mask"], args.agg, args.max_new_tokens)
+    for _ in range(args.num_iterations):
+        with phase("policy"):
+            optimizer.zero_grad(set_to_none=True)
+            stats = grpo.accumulate_gradients(model, batch, args, args.temperature, denominator)
+        with phase("optimizer"):
+            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
+            optimizer.step()
+    if sampler is not model:
+        grpo.refresh_generation_model(model, sampler)
+    total = time.perf_counter() - step_start
+    generated = int(batch["completion_mask"].sum())
+    record = {"seconds": {k: round(seconds[k], 3) for k in PHASES if k in used},
+              "peak_gib": {k: round(peaks[k] / GiB, 3) for k in PHASES if k in used},
+              "step_seconds": round(total, 3), "peak_gib_max": round(max(peaks[k] for k in used) / GiB, 3),
+              "generated_tokens": generated, "prompt_tokens": int(batch["prompt_ids"].shape[1]),
+              "completion_tokens": int(batch["completion_ids"].shape[1]), "generation_chunk": chunk,
+              "generated_tokens_per_s": round(generated / seconds["generation"], 1) if "generation" in used else None,
+              "loss": stats.get("loss"), "kl": stats.get("kl"), "grad_norm": float(grad_norm)}
+    return record, batch
+
+
 def step_main(a):
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if a.threads:
@@ -301,6 +379,16 @@ def step_main(a):
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     if a.naive_gather:
         grpo.token_logprobs = naive_token_logprobs  # sequence_logprobs looks it up at call time
+    base = {"name": "", "generation_model": a.generation_model, "offload_activations": a.offload_activations,
+            "prompts": a.prompts, "group": a.group, "new_tokens": a.new_tokens, "micro_batch": a.micro_batch,
+            "steps": a.steps, "warmup_new_tokens": a.warmup_new_tokens, "reuse_rollout": False,
+            "generation_chunk": a.generation_chunk}
+    variants = []
+    for v in json.loads(a.variants) if a.variants else [{}]:
+        unknown = set(v) - set(VARIANT_KEYS)
+        if unknown:
+            raise SystemExit(f"bench.py: error: --variants: unknown keys {sorted(unknown)}; allowed: {', '.join(VARIANT_KEYS)}")
+        variants.append({**base, **v})
     model_dir = a.model_dir or tempfile.mkdtemp(prefix="bench-random-model-")
     cleanup = not a.model_dir
     try:
@@ -308,84 +396,59 @@ def step_main(a):
         if os.path.exists(os.path.join(model_dir, "config.json")):
             print(f"reusing the random model in {model_dir}", flush=True)
         else:
-            parameters = build_random_model(a.config, tokenizer, model_dir, device, a.seed)
-            print(f"random {parameters / 1e9:.3f}B-parameter model of {a.config} saved to {model_dir} "
-                  f"in {time.perf_counter() - start:.1f} s", flush=True)
-        args = grpo.Args(model=model_dir, device=device.type, prompts_per_step=a.prompts, group_size=a.group,
-                         max_new_tokens=a.new_tokens, micro_batch=a.micro_batch, beta=a.beta, num_iterations=a.num_iterations,
-                         lora_rank=a.lora_r, lora_alpha=2 * a.lora_r, lr=a.lr, steps=a.steps, seed=a.seed,
-                         generation_chunk=a.generation_chunk or grpo.Args.generation_chunk,
-                         logprob_memory_mb=a.logprob_memory_mb, gradient_checkpointing=a.gradient_checkpointing,
-                         offload_activations=a.offload_activations, generation_model=a.generation_model)
-        grpo.check_args(args)
+            parameters = build_random_model(a.config, tokenizer, model_dir, device, a.seed, a.layers)
+            print(json.dumps({"built": model_dir, "parameters": parameters, "layers": a.layers or "config",
+                              "seconds": round(time.perf_counter() - start, 1)}), flush=True)
+        for v in variants:
+            grpo.check_args(step_args(a, model_dir, device, v, v["new_tokens"]))
         load_start = time.perf_counter()
         grpo.seed_everything(a.seed)
-        model, tokenizer = grpo.load_model(args, device)  # reloads it: 4-bit NF4 + LoRA, grpo.py's own path
+        # Reloads it: 4-bit NF4 + LoRA, grpo.py's own path. generation_model and offload do not affect loading.
+        model, tokenizer = grpo.load_model(step_args(a, model_dir, device, variants[0], a.new_tokens), device)
         weights = torch.cuda.memory_allocated(device) if device.type == "cuda" else current_rss()
-        print(f"loaded through grpo.load_model in {time.perf_counter() - load_start:.1f} s; "
-              f"{'CUDA allocated' if device.type == 'cuda' else 'process RSS'} {weights / GiB:.2f} GiB", flush=True)
+        layers = model.get_base_model().config.num_hidden_layers
+        print(json.dumps({"loaded_seconds": round(time.perf_counter() - load_start, 1), "layers": layers,
+                          "weights_gib": round(weights / GiB, 2),
+                          "weights_kind": "CUDA allocated" if device.type == "cuda" else "process RSS"}), flush=True)
         eos_ids = grpo.end_of_sequence_ids(model, tokenizer)
-        sampler = grpo.build_generation_model(model) if args.generation_model == "merged" else model
-        if not a.allow_eos:  # the worst case, and a fixed workload: every completion runs to --new-tokens
-            sampler.generation_config.min_new_tokens = a.new_tokens
-            if sampler is model:
-                model.get_base_model().generation_config.min_new_tokens = a.new_tokens
-        parameters = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(parameters, lr=a.lr, weight_decay=0.0)
-        prompts, rng = random_prompts(tokenizer, a.prompts, a.prompt_tokens, a.seed)
-        group_prompts = [q for q in prompts for _ in range(a.group)]  # groups contiguous, as grpo.main
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr, weight_decay=0.0)
         before = lora_snapshot(model)
-        records = []
-        print(f"batch: {a.prompts} prompts × G={a.group} = {len(group_prompts)} sequences, ~{a.prompt_tokens} prompt + "
-              f"{a.new_tokens} new tokens{'' if a.allow_eos else ' (EOS suppressed: all max length)'}, micro-batch "
-              f"{a.micro_batch}, β={a.beta}, μ={a.num_iterations}, LoRA r={a.lora_r}, "
-              f"gather {'NAIVE' if a.naive_gather else 'fused'}, device {device}", flush=True)
-        for step in range(a.steps):
-            seconds, peaks, used = {k: 0.0 for k in PHASES}, {k: 0 for k in PHASES}, set()
-            phase = functools.partial(measure_phase, device, seconds, peaks, used)
-
-            step_start = time.perf_counter()
-            with phase("generation"):
-                rollout = grpo.generate(sampler, tokenizer, group_prompts, args, eos_ids, args.temperature)
-            generated = int(rollout["completion_mask"].sum())
-            rewards = torch.tensor([rng.random() for _ in group_prompts])  # random: non-zero advantages
-            advantages = grpo.group_advantages(rewards, a.group, scale=args.scale_advantages)
-            batch = {"prompt_ids": rollout["prompt_ids"], "prompt_mask": rollout["prompt_mask"],
-                     "completion_ids": rollout["completion_ids"], "completion_mask": rollout["completion_mask"],
-                     "loss_mask": rollout["completion_mask"], "advantages": advantages}
-            batch = {k: v.to(device) for k, v in batch.items()}
-            if a.beta != 0:
-                with phase("reference"):
-                    batch["ref_logp"] = grpo.batch_logprobs(model, batch, args, args.temperature, reference=True)
-            if a.num_iterations > 1:
-                with phase("old"):
-                    batch["old_logp"] = grpo.batch_logprobs(model, batch, args, args.temperature)
-            denominator = grpo.loss_denominator(batch["loss_mask"], args.agg, args.max_new_tokens)
-            for _ in range(a.num_iterations):
-                with phase("policy"):
-                    optimizer.zero_grad(set_to_none=True)
-                    stats = grpo.accumulate_gradients(model, batch, args, args.temperature, denominator)
-                with phase("optimizer"):
-                    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
-                    optimizer.step()
-            if sampler is not model:
-                grpo.refresh_generation_model(model, sampler)
-            total = time.perf_counter() - step_start
-            record = {"step": step + 1, "device": device.type, "gather": "naive" if a.naive_gather else "fused",
-                      "seconds": {k: round(seconds[k], 3) for k in PHASES if k in used},
-                      "peak_gib": {k: round(peaks[k] / GiB, 3) for k in PHASES if k in used},
-                      "memory_kind": "CUDA max_memory_allocated" if device.type == "cuda" else "CPU peak RSS (process)",
-                      "step_seconds": round(total, 3), "generated_tokens": generated,
-                      "prompt_tokens": int(rollout["prompt_ids"].shape[1]),
-                      "completion_tokens": int(rollout["completion_ids"].shape[1]),
-                      "generated_tokens_per_s": round(generated / max(seconds["generation"], 1e-9), 1),
-                      "loss": stats.get("loss"), "kl": stats.get("kl"), "grad_norm": float(grad_norm)}
-            records.append(record)
-            print(json.dumps(record), flush=True)
+        records, batch = [], None
+        for index, v in enumerate(variants):
+            sampler = grpo.build_generation_model(model) if v["generation_model"] == "merged" else model
+            prompts, rng = random_prompts(tokenizer, v["prompts"], a.prompt_tokens, a.seed)
+            group_prompts = [q for q in prompts for _ in range(v["group"])]  # groups contiguous, as grpo.main
+            name = v["name"] or f"variant {index + 1}"
+            print(f"{name}: {v['prompts']} prompts × G={v['group']} = {len(group_prompts)} sequences, ~{a.prompt_tokens} "
+                  f"prompt + {v['new_tokens']} new tokens{'' if a.allow_eos else ' (EOS suppressed: all max length)'}, "
+                  f"micro-batch {v['micro_batch']}, β={a.beta}, μ={a.num_iterations}, LoRA r={a.lora_r}, sampler "
+                  f"{v['generation_model']}, offload {v['offload_activations']}, gather "
+                  f"{'NAIVE' if a.naive_gather else 'fused'}, {layers} layers, device {device}", flush=True)
+            schedule = ([("warmup", v["warmup_new_tokens"])] if v["warmup_new_tokens"] and not v["reuse_rollout"] else [])
+            schedule += [("measured", v["new_tokens"])] * v["steps"]
+            for number, (kind, new_tokens) in enumerate(schedule, 1):
+                args = step_args(a, model_dir, device, v, new_tokens)
+                reuse = batch if (v["reuse_rollout"] and batch is not None) else None
+                record, batch = bench_step(model, sampler, tokenizer, group_prompts, args, eos_ids, optimizer, rng,
+                                           device, a.allow_eos, reuse)
+                record = {"step": number, "variant": name, "warmup": kind == "warmup", "layers": layers,
+                          "sampler": v["generation_model"], "offload": v["offload_activations"],
+                          "sequences": len(group_prompts), "new_tokens": new_tokens, "micro_batch": v["micro_batch"],
+                          "reused_rollout": reuse is not None, "device": device.type,
+                          "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                          "gather": "naive" if a.naive_gather else "fused",
+                          "memory_kind": "CUDA max_memory_allocated" if device.type == "cuda" else "CPU peak RSS (process)",
+                          **record}
+                records.append(record)
+                print(json.dumps(record), flush=True)
+            del sampler
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         after = lora_snapshot(model)
         lora_change = max(float((after[k] - before[k]).abs().max()) for k in before)
         print(json.dumps({"lora_max_abs_change": lora_change, "trainable_tensors": len(before)}), flush=True)
-        print_step_table(records, device)
+        print_step_table([r for r in records if not r["warmup"]], device)
         return records
     finally:
         if cleanup:
@@ -394,17 +457,186 @@ def step_main(a):
 
 def print_step_table(records, device):
     memory = "peak CUDA alloc GiB" if device.type == "cuda" else "peak RSS GiB (CPU)"
-    columns = "".join(f" | step {r['step']} s | {memory}" for r in records)
+    columns = "".join(f" | {r['variant'][:10]} {r['step']} s | {memory}" for r in records)
     print(f"\n{'phase':<30}{columns}")
     for name in PHASES:
-        if name not in records[0]["seconds"]:
+        if not any(name in r["seconds"] for r in records):
             continue
-        cells = "".join(f" | {r['seconds'][name]:>8.2f} | {r['peak_gib'][name]:>{len(memory)}.2f}" for r in records)
+        cells = "".join(f" | {r['seconds'].get(name, 0.0):>{len(r['variant'][:10]) + 6}.2f} | "
+                        f"{r['peak_gib'].get(name, 0.0):>{len(memory)}.2f}" for r in records)
         print(f"{PHASE_TITLES[name]:<30}{cells}")
-    cells = "".join(f" | {r['step_seconds']:>8.2f} | {'':>{len(memory)}}" for r in records)
+    cells = "".join(f" | {r['step_seconds']:>{len(r['variant'][:10]) + 6}.2f} | {'':>{len(memory)}}" for r in records)
     print(f"{'step total (incl. measuring)':<30}{cells}")
-    print("generated tokens/s: " + ", ".join(f"step {r['step']}: {r['generated_tokens_per_s']:.0f} "
+    print("generated tokens/s: " + ", ".join(f"{r['variant']} step {r['step']}: {r['generated_tokens_per_s'] or 0:.0f} "
                                              f"({r['generated_tokens']} tokens)" for r in records))
+
+
+# -----------------------------------------------------------------------------
+# suite: the whole GPU measurement as one budgeted command (see the module docstring).
+
+
+def environment(device):
+    info = {"python": sys.version.split()[0], "torch": torch.__version__, "device": device.type, "date": time.strftime("%Y-%m-%d")}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(device).total_memory / GiB, 1)
+    for package in ("transformers", "peft", "bitsandbytes", "accelerate", "trl", "datasets"):
+        try:
+            info[package] = __import__(package).__version__
+        except Exception as e:  # a missing or broken package is a fact to record, not a reason to stop
+            info[package] = f"unavailable ({type(e).__name__})"
+    return info
+
+
+def suite_plan(a, device):
+    """The measurements, most important first: each one command, run in its own process."""
+    here = os.path.abspath(__file__)
+    config = json.load(open(a.config))
+    full_layers = config["num_hidden_layers"]
+    model_dir = lambda layers: os.path.join(a.models_dir, f"layers{layers}")  # noqa: E731 (one line)
+    common = ["--config", a.config, "--tokenizer", a.tokenizer, "--device", device.type, "--prompt-tokens",
+              str(a.prompt_tokens), "--beta", str(a.beta), "--micro-batch", str(a.micro_batch)]
+    short = {"prompts": a.prompts, "group": a.group, "new_tokens": a.new_tokens}
+    long = {"prompts": a.long_prompts, "group": a.group, "new_tokens": a.long_new_tokens}
+    plan = [("gather", [sys.executable, here, "gather", "--tokens", str(a.gather_tokens), "--hidden", str(config["hidden_size"]),
+                        "--vocab", str(config["vocab_size"]), "--dtype", "bfloat16" if device.type == "cuda" else "float32",
+                        "--device", device.type, "--repeat", "3", "--compare-copy"])]
+
+    def ours(name, layers, variants):
+        return (name, [sys.executable, here, "step", *common, "--layers", str(layers), "--model-dir", model_dir(layers),
+                       "--variants", json.dumps(variants)])
+
+    def trl(name, layers, sizes, steps):
+        return (name, [sys.executable, a.trl_anchor, "--config", a.config, "--tokenizer", a.tokenizer, "--model-dir",
+                       model_dir(layers), "--prompts", str(sizes["prompts"]), "--group", str(sizes["group"]),
+                       "--prompt-tokens", str(a.prompt_tokens), "--new-tokens", str(sizes["new_tokens"]),
+                       "--micro-batch", str(a.micro_batch), "--steps", str(steps), "--beta", str(a.beta)])
+
+    warm = {"warmup_new_tokens": a.warmup_new_tokens, "steps": 1}
+    if a.slice_layers:  # the side by side with TRL: same width and vocabulary, fewer layers
+        plan.append(ours("slice-ours", a.slice_layers, [{"name": "policy", "steps": 2, **short},
+                                                        {"name": "merged", "generation_model": "merged", "steps": 2, **short}]))
+        plan.append(trl("slice-trl", a.slice_layers, short, 2))
+    plan.append(ours("full-ours", full_layers, [{"name": "merged", "generation_model": "merged", **warm, **short}]))
+    plan.append(ours("full-long", full_layers, [{"name": "long", "generation_model": "merged", **warm, **long},
+                                               {"name": "long+offload", "generation_model": "merged", "offload_activations": True,
+                                                "reuse_rollout": True, "steps": 1, **long}]))
+    if a.slice_layers:
+        plan.append(ours("slice-long-ours", a.slice_layers, [{"name": "long", "generation_model": "merged", "steps": 2, **long}]))
+        plan.append(trl("slice-long-trl", a.slice_layers, long, 2))
+    plan.append(ours("full-policy", full_layers, [{"name": "policy", **warm, **short}]))  # the 4-bit sampler, full size
+    return [(name, command) for name, command in plan if not a.only or name in a.only.split(",")]
+
+
+def run_streaming(command, timeout, on_line):
+    """Run command (its own process group), call on_line for every output line as it comes; kill the whole
+    group at the timeout. Returns the exit code, or None when it was killed."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                               start_new_session=True, cwd=HERE)
+    reader = threading.Thread(target=lambda: [on_line(line.rstrip("\n")) for line in process.stdout], daemon=True)
+    reader.start()
+    try:
+        code = process.wait(timeout=max(timeout, 0.1))
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        code = None
+    reader.join(timeout=10)
+    return code
+
+
+def write_atomically(path, text):
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def suite_markdown(results):
+    env = results["env"]
+    lines = [f"# bench.py suite — {env.get('gpu', env['device'])}, {env['date']}", "",
+             f"`{results['command']}`", "", "Versions: " + ", ".join(f"{k} {v}" for k, v in env.items()
+                                                                  if k not in ("device", "date", "gpu")), ""]
+    steps = [r for m in results["measurements"] for r in m["records"] if "step_seconds" in r and not r.get("warmup")]
+    if steps:
+        lines += ["| measurement | layers | sampler | offload | sequences × new tokens | step s | generation s | "
+                  "reference s | policy s | peak GiB | generated tok/s | generate chunk |",
+                  "| --- | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in steps:
+            s = r["seconds"]
+            lines.append(f"| {r['measurement']} {r['variant']} step {r['step']} | {r['layers']} | {r['sampler']} | "
+                         f"{r['offload']} | {r['sequences']} × {r['new_tokens']}{' (rollout reused)' if r['reused_rollout'] else ''} | "
+                         f"{r['step_seconds']:.1f} | {s.get('generation', 0):.1f} | {s.get('reference', 0):.1f} | "
+                         f"{s.get('policy', 0):.1f} | {r['peak_gib_max']:.2f} | {r['generated_tokens_per_s'] or '-'} | "
+                         f"{r['generation_chunk'] or '-'} |")
+    trl = [r for m in results["measurements"] if "trl" in m["name"] for r in m["records"] if "seconds" in r]
+    if trl:
+        lines += ["", "| TRL measurement | step | seconds | peak GiB |", "| --- | ---: | ---: | ---: |"]
+        lines += [f"| {r['measurement']} | {r['step']} | {r['seconds']} | {r['peak_gib']} |" for r in trl]
+    gather = [r for m in results["measurements"] for r in m["records"] if isinstance(r.get("gather"), list)]
+    for g in gather:
+        lines += ["", f"Gather, {g['tokens']} tokens, H {g['hidden']}, V {g['vocab']}, {g['dtype']} ({g['memory_kind']}):", "",
+                  "| implementation | peak extra MiB | median s |", "| --- | ---: | ---: |"]
+        lines += [f"| {row['impl']} | {row['peak_extra_mib']} | {row['median_s']} |" for row in g["gather"]]
+    lines += ["", "| measurement | exit | seconds | note |", "| --- | --- | ---: | --- |"]
+    lines += [f"| {m['name']} | {m['exit']} | {m['seconds']} | {m.get('note', '')} |" for m in results["measurements"]]
+    return "\n".join(lines) + "\n"
+
+
+def suite_main(a):
+    """Run the plan within --budget-s, writing suite.json, suite.md and suite.log under --out as results come
+    in, so a run cut off anywhere still leaves every figure measured so far."""
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    os.makedirs(a.out, exist_ok=True)
+    os.makedirs(a.models_dir, exist_ok=True)
+    deadline = time.monotonic() + a.budget_s
+    results = {"env": environment(device), "command": " ".join(["python", "bench.py", *sys.argv[1:]]), "measurements": []}
+    log = open(os.path.join(a.out, "suite.log"), "a")
+
+    def save():
+        write_atomically(os.path.join(a.out, "suite.json"), json.dumps(results, indent=1))
+        try:
+            markdown = suite_markdown(results)
+        except Exception as e:  # the table is a view of suite.json: never let it stop the measuring
+            markdown = f"suite.md could not be written ({type(e).__name__}: {e}); see suite.json\n"
+        write_atomically(os.path.join(a.out, "suite.md"), markdown)
+    save()
+    for name, command in suite_plan(a, device):
+        measurement = {"name": name, "command": " ".join(command), "records": [], "exit": "not run", "seconds": 0}
+        results["measurements"].append(measurement)
+        remaining = deadline - time.monotonic()
+        if name.endswith("trl") and (device.type != "cuda" or not os.path.exists(a.trl_anchor)):
+            measurement["note"] = "skipped: the TRL anchor needs a CUDA GPU and " + a.trl_anchor
+            save()
+            continue
+        if name.endswith("trl") and not os.path.exists(os.path.join(command[command.index("--model-dir") + 1], "config.json")):
+            measurement["note"] = "skipped: our run did not leave the random model for TRL to load"
+            save()
+            continue
+        if remaining < 5:
+            measurement["note"] = "skipped: the budget is spent"
+            save()
+            continue
+        print(f"[suite] {name} ({remaining:.0f} s of budget left): {measurement['command']}", flush=True)
+        start = time.monotonic()
+
+        def on_line(line, measurement=measurement, start=start):
+            log.write(f"[{name} {time.monotonic() - start:7.1f}s] {line}\n")
+            log.flush()
+            if line.startswith("{"):
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    return
+                record["measurement"] = name
+                measurement["records"].append(record)
+                print(f"[suite] {name}: {line[:400]}", flush=True)
+                save()
+        code = run_streaming(command, remaining, on_line)
+        measurement["exit"] = "killed at the budget" if code is None else code
+        measurement["seconds"] = round(time.monotonic() - start, 1)
+        save()
+    print(open(os.path.join(a.out, "suite.md")).read(), flush=True)
+    return results
 
 
 # -----------------------------------------------------------------------------
@@ -429,7 +661,9 @@ def parse_args(argv=None):
     g.add_argument("--memory-mb-sweep", type=int, nargs="*", default=None,
                    help="several budgets to compare (each a fused row), instead of --memory-mb")
     g.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default")
-    g.add_argument("--only", choices=("naive", "fused"), default=None, help=argparse.SUPPRESS)  # child process
+    g.add_argument("--compare-copy", action="store_true", help="add a row for the fused gather fed a float32 copy "
+                   "of lm_head (what it did before it learnt to multiply 16-bit weights without one)")
+    g.add_argument("--only", choices=("naive", "fused", "fused-copy"), default=None, help=argparse.SUPPRESS)  # child
     g.add_argument("--save", default=None, help=argparse.SUPPRESS)
     s = sub.add_parser("step", help="real GRPO steps on a random-weight model: seconds and peak memory per phase",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -450,7 +684,14 @@ def parse_args(argv=None):
     s.add_argument("--lora-r", type=int, default=16, help="LoRA rank (alpha = 2r, as trl_anchor.py)")
     s.add_argument("--lr", type=float, default=1e-5)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--generation-chunk", type=int, default=0, help="sequences per generate call; 0: grpo's default")
+    s.add_argument("--generation-chunk", type=int, default=0, help="sequences per generate call; 0: sized from memory (grpo's default)")
+    s.add_argument("--layers", type=int, default=0, help="blocks of the random model; 0: the config's (fewer: a slice "
+                   "of the same width and vocabulary)")
+    s.add_argument("--warmup-new-tokens", type=int, default=0, help="before the measured steps, one warm-up step with "
+                   "this many new tokens (not in the table); 0: none")
+    s.add_argument("--variants", default=None, help="JSON list of settings to run one after another on the one loaded "
+                   "model, each overriding the flags: keys " + ", ".join(VARIANT_KEYS) + "; reuse_rollout trains on "
+                   "the previous step's rollout instead of generating")
     s.add_argument("--generation-model", default="policy", choices=("policy", "merged"))
     s.add_argument("--logprob-memory-mb", type=int, default=grpo.Args.logprob_memory_mb)
     s.add_argument("--gradient-checkpointing", default=True, action=argparse.BooleanOptionalAction)
@@ -458,12 +699,35 @@ def parse_args(argv=None):
     s.add_argument("--naive-gather", action="store_true", help="use a naive log_softmax + gather instead of the fused one")
     s.add_argument("--allow-eos", action="store_true", help="let completions stop at EOS (default: forced max length)")
     s.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default")
+    u = sub.add_parser("suite", help="the full-size GPU measurement in one budgeted command: gather, our step "
+                       "(both samplers), TRL side by side on a layer slice, long completions with and without offload",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    u.add_argument("--config", default=os.path.join(HERE, "..", "shared", "qwen2.5-14b", "config.json"))
+    u.add_argument("--tokenizer", default=DEFAULT_TOKENIZER)
+    u.add_argument("--trl-anchor", default=os.path.join(HERE, "..", "shared", "bench", "trl_anchor.py"),
+                   help="TRL's side (GRPOTrainer); skipped when missing or without CUDA")
+    u.add_argument("--out", default="runs/suite", help="suite.json, suite.md and suite.log go here")
+    u.add_argument("--models-dir", default=os.path.join(tempfile.gettempdir(), "grpo-bench-models"),
+                   help="random models are saved here (one per layer count) and reused by later runs")
+    u.add_argument("--budget-s", type=float, default=480, help="wall-clock budget; what does not fit is cut or skipped")
+    u.add_argument("--device", default=None)
+    u.add_argument("--slice-layers", type=int, default=8, help="layers of the slice for the side by side with TRL; 0: none")
+    u.add_argument("--prompts", type=int, default=16)
+    u.add_argument("--group", type=int, default=8)
+    u.add_argument("--prompt-tokens", type=int, default=256)
+    u.add_argument("--new-tokens", type=int, default=256)
+    u.add_argument("--micro-batch", type=int, default=16)
+    u.add_argument("--beta", type=float, default=0.04)
+    u.add_argument("--gather-tokens", type=int, default=4096, help="tokens of the gather measurement")
+    u.add_argument("--long-prompts", type=int, default=2)
+    u.add_argument("--long-new-tokens", type=int, default=2048)
+    u.add_argument("--warmup-new-tokens", type=int, default=16, help="full-size steps are preceded by one warm-up "
+                   "step with this many new tokens instead of a second full step")
+    u.add_argument("--only", default="", help="comma-separated measurement names to run (default: all): gather, "
+                   "slice-ours, slice-trl, full-ours, full-long, slice-long-ours, slice-long-trl, full-policy")
     return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
     a = parse_args()
-    if a.command == "gather":
-        gather_main(a)
-    else:
-        step_main(a)
+    {"gather": gather_main, "step": step_main, "suite": suite_main}[a.command](a)

@@ -99,7 +99,8 @@ class Args:
     temperature: float = arg(1.0, "sampling temperature at the first step")
     temperature_end: float = arg(-1.0, "sampling temperature at the last step, linear in between; < 0: constant")
     top_p: float = arg(1.0, "nucleus sampling threshold")
-    generation_chunk: int = arg(64, "sequences per model.generate call (halved automatically on CUDA out-of-memory)")
+    generation_chunk: int = arg(0, "sequences per model.generate call; 0: as many as the free memory holds (KV cache "
+                                "sized from the model config); halved automatically on CUDA out-of-memory")
     generation_model: str = arg("policy", "sample from: policy (the 4-bit + LoRA model) | merged (a dense copy of the "
                                 "dequantized base with LoRA merged, refreshed every step: faster decoding, +2 bytes/weight)")
     overlong: str = arg("keep", "truncated completions: keep | mask (out of the loss, DAPO) | penalty (reward - overlong_penalty)")
@@ -165,7 +166,9 @@ def check_args(args: Args, world_size: int = 1):
     """Reject impossible settings before anything slow happens."""
     if args.group_size < 2:
         fail(f"--group-size {args.group_size}: GRPO needs at least 2 completions per prompt to compare")
-    for name in ("prompts_per_step", "micro_batch", "generation_chunk", "max_new_tokens", "steps", "num_iterations"):
+    if args.generation_chunk < 0:
+        fail(f"--generation-chunk must be 0 (sized from memory) or a number of sequences (got {args.generation_chunk})")
+    for name in ("prompts_per_step", "micro_batch", "max_new_tokens", "steps", "num_iterations"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
     if args.prompts_per_step % world_size:
@@ -412,11 +415,38 @@ def completion_mask_from_ids(completion_ids, eos_ids):
     return mask, truncated
 
 
+def generation_chunk_size(config, sequences, prompt_tokens, max_new_tokens, free_bytes, dtype_bytes) -> int:
+    """Sequences per generate call that fit free_bytes. A decode step costs nearly the same for 16 rows as
+    for 128 (it reads every weight once either way), so fewer, larger chunks are faster. Per sequence:
+    its KV cache, 2 (K, V) x layers x kv_heads x head_dim x dtype bytes per token (192 KiB at 14B) for
+    P + T tokens; the prefill's MLP activations (~4 x intermediate per prompt token); and the sampler's
+    float32 [V] rows (logits, processors, top-p sort: ~8 copies). Chunks are balanced (200 -> 100 + 100)."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    kv_per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * dtype_bytes
+    per_sequence = (kv_per_token * (prompt_tokens + max_new_tokens) + 4 * config.intermediate_size * dtype_bytes
+                    * prompt_tokens + 8 * 4 * config.vocab_size)
+    largest = max(1, min(sequences, int(free_bytes) // per_sequence))
+    chunks = math.ceil(sequences / largest)
+    return math.ceil(sequences / chunks)
+
+
+def free_memory_bytes(device) -> int:
+    """Memory a new allocation can use: the GPU's free memory plus what PyTorch has cached but not in use
+    (CUDA), or the free physical memory (CPU). 90% of it, minus 1 GiB for workspaces."""
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return max(0, int(0.9 * free) - 2**30)
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts, args: Args, eos_ids, temperature, greedy=False, log=print):
     """Sample one completion per prompt string (repeat a prompt G times for a group), in chunks of
-    --generation-chunk sequences. Returns a dict of CPU tensors: prompt_ids/prompt_mask [N, P] (left
-    padded), completion_ids [N, T], completion_mask [N, T], truncated [N]; and texts (the decoded completions)."""
+    --generation-chunk sequences (0: sized from free memory). Returns a dict of CPU tensors: prompt_ids and
+    prompt_mask [N, P] (left padded), completion_ids [N, T], completion_mask [N, T], truncated [N]; texts
+    (the decoded completions) and generation_chunk (the chunk size used)."""
     device = model.device
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     prompt_ids, prompt_mask = encoded["input_ids"], encoded["attention_mask"]  # [N, P]
@@ -425,7 +455,10 @@ def generate(model, tokenizer, prompts, args: Args, eos_ids, temperature, greedy
     sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=args.top_p, top_k=0)
     sampling["repetition_penalty"] = 1.0
     model.eval()  # eval mode: no dropout, and gradient checkpointing does not switch the KV cache off
-    chunks, start, chunk_size = [], 0, args.generation_chunk
+    chunk_size = args.generation_chunk or generation_chunk_size(
+        model.config, len(prompts), prompt_ids.shape[1], args.max_new_tokens, free_memory_bytes(device),
+        dtype_bytes=2 if device.type == "cuda" else 4)
+    chunks, start = [], 0
     while start < len(prompts):
         rows = slice(start, start + chunk_size)
         try:
@@ -450,7 +483,7 @@ def generate(model, tokenizer, prompts, args: Args, eos_ids, temperature, greedy
     texts = tokenizer.batch_decode([ids[mask.bool()] for ids, mask in zip(completion_ids, completion_mask)],
                                    skip_special_tokens=True)
     return dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
-                completion_mask=completion_mask, truncated=truncated, texts=texts)
+                completion_mask=completion_mask, truncated=truncated, texts=texts, generation_chunk=chunk_size)
 
 
 # -----------------------------------------------------------------------------
@@ -490,16 +523,30 @@ def gather_chunk_rows(vocab_size, memory_mb) -> int:
     return max(1, int(memory_mb * 2**20) // (2 * 4 * vocab_size))
 
 
+def float32_matmul(a, b):
+    """a @ b as float32, without a float32 copy of a 16-bit operand. On CUDA a bf16 (or fp16) GEMM with
+    float32 accumulation and output (torch.mm's out_dtype): bf16 x bf16 products are exact in float32, so
+    this is the float32 product of the same numbers up to summation order, at bf16 GEMM speed, and no
+    [V, H] float32 copy of lm_head (3.1 GB at 14B) is made. On CPU the weights are float32 already."""
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and b.dtype == a.dtype:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except torch.OutOfMemoryError:
+            raise
+        except (TypeError, RuntimeError, NotImplementedError):  # a torch without this GEMM: cast instead
+            pass
+    return a.float() @ b.float()
+
+
 class TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, chunk_size):
-        # hidden [N, H], weight [V, H] (lm_head, frozen), targets [N] -> log-probs [N] float32
-        weight32 = weight.float()  # float32 logits (on GPU a [V, H] float32 copy while this call runs)
+        # hidden [N, H], weight [V, H] (lm_head, frozen, in the compute dtype), targets [N] -> log-probs [N] float32
         logsumexp = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         target_logit = torch.empty_like(logsumexp)
         for start in range(0, hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
-            logits = chunk_logits(hidden[rows], weight32, temperature)  # [n, V], freed each chunk
+            logits = chunk_logits(hidden[rows], weight, temperature)  # [n, V] float32, freed each chunk
             target_logit[rows] = logits.gather(1, targets[rows, None]).squeeze(1)
             logsumexp[rows] = torch.logsumexp(logits, dim=-1)
         ctx.save_for_backward(hidden, weight, targets, logsumexp)
@@ -509,24 +556,25 @@ class TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logprobs):
         hidden, weight, targets, logsumexp = ctx.saved_tensors
-        weight32 = weight.float()
         grad_hidden = torch.empty_like(hidden)
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             rows = slice(start, start + ctx.chunk_size)
             grad = grad_logprobs[rows, None]  # [n, 1]
             # d logp / d logits = onehot(target) - softmax. Built in the recomputed logits' own buffer:
-            # in place, so a chunk never holds more than one [n, V] tensor here.
-            grad_logits = chunk_logits(hidden[rows], weight32, ctx.temperature)  # [n, V], recomputed
+            # in place, so a chunk never holds more than one [n, V] float32 tensor here.
+            grad_logits = chunk_logits(hidden[rows], weight, ctx.temperature)  # [n, V], recomputed
             grad_logits.sub_(logsumexp[rows, None]).exp_()  # softmax
             grad_logits.mul_(-grad)  # -softmax · grad
             grad_logits.scatter_add_(1, targets[rows, None], grad)  # + onehot · grad
-            grad_hidden[rows] = (grad_logits @ weight32).div_(ctx.temperature).to(hidden.dtype)  # [n, H]
+            # In the weight's dtype for the GEMM (bf16 on GPU: the onehot - softmax difference is formed in
+            # float32 first, then rounded, as any bf16 lm_head backward does); float32 accumulation.
+            grad_hidden[rows] = float32_matmul(grad_logits.to(weight.dtype), weight).div_(ctx.temperature).to(hidden.dtype)
         # lm_head is frozen: no [V, H] gradient is ever formed; targets/temperature/chunk have none.
         return grad_hidden, None, None, None, None
 
 
-def chunk_logits(hidden_chunk, weight32, temperature):
-    logits = hidden_chunk.float() @ weight32.T  # [n, V] float32
+def chunk_logits(hidden_chunk, weight, temperature):
+    logits = float32_matmul(hidden_chunk, weight.T)  # [n, V] float32
     return logits.div_(temperature) if temperature != 1.0 else logits  # in place: no second [n, V] buffer
 
 

@@ -110,6 +110,41 @@ def test_token_logprobs_matches_float64_reference_in_value_and_gradient(dtype, t
     assert weight.grad is None  # lm_head is frozen: no [V, H] gradient is ever formed
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_token_logprobs_on_cuda_uses_the_bf16_gemm_and_matches_float64():
+    # The GPU path multiplies bf16 hidden states by the bf16 lm_head with float32 output (no float32 copy
+    # of lm_head). At Qwen2.5's vocabulary, against a float64 reference of the same bf16 numbers.
+    torch.manual_seed(0)
+    N, H, V = 300, 1024, 152_064
+    hidden = (torch.randn(N, H, device="cuda")).to(torch.bfloat16).requires_grad_()
+    weight = (torch.randn(V, H, device="cuda") * 2 / H**0.5).to(torch.bfloat16)
+    targets = torch.randint(0, V, (N,), device="cuda")
+    upstream = torch.randn(N, device="cuda")
+    product = torch.mm(hidden.detach()[:4], weight.T, out_dtype=torch.float32)  # the GEMM itself exists here
+    assert product.dtype == torch.float32
+    fused = grpo.token_logprobs(hidden, weight, targets, 0.7, chunk_size=128)
+    (fused * upstream).sum().backward()
+    hidden64 = hidden.detach().double().requires_grad_()
+    reference = naive_logprobs64(hidden64, weight, targets, 0.7)
+    (reference * upstream.double()).sum().backward()
+    assert (fused.double() - reference).abs().max() < 1e-3
+    scale = hidden64.grad.abs().max()
+    assert (hidden.grad.double() - hidden64.grad).abs().max() <= 2e-2 * scale
+
+
+def test_generation_chunk_is_sized_from_the_kv_cache_and_balanced():
+    config = __import__("transformers").AutoConfig.from_pretrained(SHARED / "qwen2.5-14b")
+    # Qwen2.5-14B by hand: K and V x 48 layers x 8 KV heads x 128 dims x 2 bytes = 196,608 bytes (192 KiB)
+    # per token; 270 + 256 tokens; prefill MLP 4 x 13,824 x 2 bytes per prompt token; 8 float32 [152,064] rows.
+    per_sequence = 196_608 * (270 + 256) + 4 * 13_824 * 2 * 270 + 8 * 4 * 152_064
+    chunk = lambda free: grpo.generation_chunk_size(config, 128, 270, 256, free, dtype_bytes=2)  # noqa: E731
+    assert chunk(10**12) == 128  # all of it in one call
+    assert chunk(128 * per_sequence) == 128 and chunk(128 * per_sequence - 1) == 64  # 127 fit: two balanced 64s
+    assert chunk(100 * per_sequence) == 64
+    assert chunk(50 * per_sequence) == 43  # 3 chunks: 43 + 43 + 42
+    assert chunk(0) == 1
+
+
 def test_token_logprobs_default_chunking_follows_the_memory_budget():
     V = 151_936
     rows = grpo.gather_chunk_rows(V, memory_mb=256)
@@ -920,3 +955,35 @@ def test_step_bench_naive_gather_and_no_reference_pass(tmp_path):
     step = next(r for r in json_lines(stdout) if "step" in r)
     assert step["gather"] == "naive"
     assert set(step["seconds"]) == {"generation", "policy", "optimizer"}  # β = 0, μ = 1: no extra passes
+
+
+def test_suite_bench_writes_every_figure_as_it_goes_and_respects_its_budget(tmp_path):
+    # The GPU suite's own command on a tiny config, on the CPU: gather, our step (warm-up + measured step),
+    # and the long-completion pair with and without offload on one rollout. TRL needs CUDA: skipped, said so.
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(TINY_CONFIG))
+    out = tmp_path / "suite"
+    sizes = ["--prompts", "2", "--group", "2", "--prompt-tokens", "8", "--new-tokens", "4", "--micro-batch", "4",
+             "--long-prompts", "1", "--long-new-tokens", "8", "--warmup-new-tokens", "2", "--gather-tokens", "64"]
+    run_bench("suite", "--config", str(config), "--tokenizer", str(TOKENIZER), "--device", "cpu", "--out", str(out),
+              "--models-dir", str(tmp_path / "models"), "--slice-layers", "1", "--budget-s", "600",
+              "--only", "gather,slice-trl,full-ours,full-long", *sizes, timeout=600)
+    results = json.loads((out / "suite.json").read_text())
+    by_name = {m["name"]: m for m in results["measurements"]}
+    assert list(by_name) == ["gather", "slice-trl", "full-ours", "full-long"]
+    assert by_name["slice-trl"]["note"].startswith("skipped: the TRL anchor needs a CUDA GPU")
+    gather = next(r for r in by_name["gather"]["records"] if isinstance(r.get("gather"), list))
+    assert [row["impl"] for row in gather["gather"]] == ["naive", "fused", "fused-copy"]
+    steps = [r for r in by_name["full-ours"]["records"] if "step_seconds" in r]
+    assert [(r["variant"], r["warmup"], r["new_tokens"]) for r in steps] == [("merged", True, 2), ("merged", False, 4)]
+    long, offload = [r for r in by_name["full-long"]["records"] if "step_seconds" in r and not r["warmup"]]
+    assert (long["offload"], offload["offload"], offload["reused_rollout"]) == (False, True, True)
+    assert long["generated_tokens"] == 2 * 8 and "generation" not in offload["seconds"]
+    assert all(r["layers"] == TINY_CONFIG["num_hidden_layers"] and r["peak_gib_max"] > 0 for r in steps)
+    table = (out / "suite.md").read_text()
+    assert "| full-ours merged step 2 |" in table and "| full-long long+offload step 1 |" in table
+    # A spent budget: nothing runs, every measurement says why, the files are still written.
+    run_bench("suite", "--config", str(config), "--tokenizer", str(TOKENIZER), "--device", "cpu", "--out",
+              str(tmp_path / "none"), "--models-dir", str(tmp_path / "models"), "--budget-s", "0", *sizes)
+    nothing = json.loads((tmp_path / "none" / "suite.json").read_text())
+    assert all(m["exit"] == "not run" and m["note"].startswith("skipped") for m in nothing["measurements"])
