@@ -313,7 +313,7 @@ def step_args(a, model_dir, device, variant, new_tokens):
     return grpo.Args(model=model_dir, device=device.type, prompts_per_step=variant["prompts"], group_size=variant["group"],
                      max_new_tokens=new_tokens, micro_batch=variant["micro_batch"], beta=a.beta,
                      num_iterations=a.num_iterations, lora_rank=a.lora_r, lora_alpha=2 * a.lora_r, lr=a.lr,
-                     steps=variant["steps"], seed=a.seed, generation_chunk=variant["generation_chunk"],
+                     steps=max(1, variant["steps"]), seed=a.seed, generation_chunk=variant["generation_chunk"],
                      logprob_memory_mb=a.logprob_memory_mb, gradient_checkpointing=a.gradient_checkpointing,
                      offload_activations=variant["offload_activations"], generation_model=variant["generation_model"])
 
@@ -507,6 +507,8 @@ def suite_plan(a, device):
                        "--variants", json.dumps(variants)])
 
     def trl(name, layers, sizes, steps):
+        if not os.path.exists(os.path.join(model_dir(layers), "config.json")) and f"build-{layers}" not in dict(plan):
+            plan.append(ours(f"build-{layers}", layers, [{"name": "build only", "steps": 0}]))  # TRL loads the model ours saved
         return (name, [sys.executable, a.trl_anchor, "--config", a.config, "--tokenizer", a.tokenizer, "--model-dir",
                        model_dir(layers), "--prompts", str(sizes["prompts"]), "--group", str(sizes["group"]),
                        "--prompt-tokens", str(a.prompt_tokens), "--new-tokens", str(sizes["new_tokens"]),
@@ -525,7 +527,12 @@ def suite_plan(a, device):
         plan.append(ours("slice-long-ours", a.slice_layers, [{"name": "long", "generation_model": "merged", "steps": 2, **long}]))
         plan.append(trl("slice-long-trl", a.slice_layers, long, 2))
     plan.append(ours("full-policy", full_layers, [{"name": "policy", **warm, **short}]))  # the 4-bit sampler, full size
-    return [(name, command) for name, command in plan if not a.only or name in a.only.split(",")]
+    if not a.only:
+        return plan
+    wanted = a.only.split(",")  # in the order given, each TRL run after the build of its model
+    wanted = [w for name in wanted for w in ([f"build-{a.slice_layers}", name] if name.endswith("trl") else [name])]
+    plan = dict(plan)
+    return [(name, plan[name]) for name in dict.fromkeys(wanted) if name in plan]
 
 
 def run_streaming(command, timeout, on_line):
