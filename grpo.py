@@ -244,6 +244,16 @@ def load_items(path) -> list[dict]:
     return items
 
 
+def load_data(args: Args) -> tuple[list[dict], list[dict]]:
+    """The training items (none with --eval-only) and the first --eval-n held-out items (none without eval)."""
+    train_items = [] if args.eval_only else load_items(args.data)
+    eval_items = load_items(args.eval_data) if (args.eval_every > 0 or args.eval_only) else []
+    eval_items = eval_items[: args.eval_n] if args.eval_n > 0 else eval_items
+    if train_items and args.prompts_per_step > len(train_items):
+        fail(f"--prompts-per-step {args.prompts_per_step} is more than the {len(train_items)} items in {args.data}")
+    return train_items, eval_items
+
+
 MATH_INSTRUCTION = "Think step by step, then give the final answer at the end as \\boxed{answer}."
 CODE_INSTRUCTION = "Think step by step, then give your solution as one ```python code block at the end."
 # R1-Zero's template (DeepSeek-R1 paper, table 1), for tokenizers without a chat template.
@@ -629,6 +639,26 @@ def group_advantages(rewards, group_size, scale=True, eps=1e-4):
     return torch.where(zero_std, torch.zeros_like(centered), centered).view(-1)  # [B*G]
 
 
+def advantages_and_loss_mask(rewards, rollout, args: Args):
+    """Group advantages [N] and the loss mask [N, T] of a rollout, with DAPO's options: --overlong
+    penalty (lower the reward) or mask, and --drop-zero-std-groups. Returns (rewards after any
+    penalty [N], advantages [N], loss_mask [N, T], zero_std [B])."""
+    truncated = rollout["truncated"]  # [N]
+    if args.overlong == "penalty":
+        rewards = rewards - args.overlong_penalty * truncated.float()  # a new tensor: scores stay as verified
+    advantages = group_advantages(rewards, args.group_size, scale=args.scale_advantages)  # [N]
+    # All-zero advantages happen exactly for zero-std groups (otherwise some deviation is non-zero).
+    zero_std = (advantages.view(-1, args.group_size) == 0).all(dim=1)  # [B]
+    # The loss mask: completion tokens, minus masked-out truncations and dropped groups.
+    keep = torch.ones_like(rewards, dtype=torch.bool)  # [N]
+    if args.overlong == "mask":
+        keep &= ~truncated
+    if args.drop_zero_std_groups:
+        keep &= ~zero_std.repeat_interleave(args.group_size)
+    loss_mask = rollout["completion_mask"] * keep[:, None].float()  # [N, T]
+    return rewards, advantages, loss_mask, zero_std
+
+
 def loss_denominator(mask, agg, max_new_tokens=None):
     """The normalizer of each aggregation, for the whole batch (so micro-batches sum to the same loss).
     seq: sequences with at least one trained token; token: trained tokens; dr_grpo: N·max_new_tokens."""
@@ -730,6 +760,26 @@ def accumulate_gradients(model, batch, args: Args, temperature, denominator):
     return {k: (v / denominator if k == "loss" else v if k == "tokens" else v / tokens) for k, v in totals.items()}
 
 
+def update_adapters(model, batch, optimizer, scheduler, args: Args, temperature, denominator):
+    """One optimizer step on the whole batch: accumulate the gradients, sum them over ranks, clip, AdamW.
+    A non-finite loss or gradient skips the update: one bad batch must not poison the adapters (and
+    Adam's moments). Returns (stats, grad_norm, finite)."""
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]  # the LoRA adapters
+    optimizer.zero_grad(set_to_none=True)
+    stats = accumulate_gradients(model, batch, args, temperature, denominator)
+    all_reduce_gradients(parameters)
+    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm if args.max_grad_norm > 0 else float("inf"))
+    # grad_norm is global after the all-reduce; the losses are gathered: every rank decides alike.
+    losses = all_gather(stats.get("loss", 0.0))
+    finite = all(math.isfinite(loss) for loss in losses) and bool(torch.isfinite(grad_norm))
+    if finite:
+        optimizer.step()
+        scheduler.step()
+    else:
+        optimizer.zero_grad(set_to_none=True)
+    return stats, float(grad_norm), finite
+
+
 # -----------------------------------------------------------------------------
 # Schedules: sampling temperature and learning rate as pure functions of the step.
 
@@ -757,6 +807,20 @@ def lr_factor(optimizer_step, args: Args) -> float:
 # adapter gradients cross the network. A single process skips all of this.
 
 
+def init_distributed(args: Args):
+    """Returns (rank, world_size, device). torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; a plain
+    `python grpo.py` is rank 0 of 1 and starts no process group."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world_size, device
+
+
 def all_gather(value):
     """A list of every rank's value (a one-element list without torchrun)."""
     if not (dist.is_available() and dist.is_initialized()):
@@ -778,6 +842,70 @@ def all_reduce_gradients(parameters):
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     for p, chunk in zip(parameters, flat.split([g.numel() for g in grads])):
         p.grad = chunk.view_as(p).clone()
+
+
+# -----------------------------------------------------------------------------
+# One GRPO step: the README's six steps, in order. Everything it calls is defined above.
+
+
+def grpo_step(step, train_items, model, sampler, tokenizer, optimizer, scheduler, args: Args, eos_ids, pool,
+              bad_steps=0, rank=0, world_size=1, log=print) -> dict:
+    """Sample B·G completions, score them, and make μ optimizer steps on them. sampler is the model
+    that samples (model itself, or its dense copy with --generation-model merged); bad_steps counts the
+    skipped updates in a row so far. Returns what the loop logs (step_metrics reads it)."""
+    device = model.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    step_start = time.time()
+    temperature = temperature_at(step, args)  # sampling and log-probs use the same one: same policy
+
+    # 1. This rank's share of the step's B prompts, each repeated G times (a group's G are contiguous).
+    local_prompts = args.prompts_per_step // world_size
+    indices = batch_indices(step, args.prompts_per_step, len(train_items), args.seed)
+    items = [train_items[i] for i in indices[rank * local_prompts : (rank + 1) * local_prompts]]
+    group_items = [item for item in items for _ in range(args.group_size)]
+    prompts = [build_prompt(item, tokenizer, args.chat_template) for item in group_items]
+
+    # 2. Rollout: one sampled completion per prompt copy, and its completion mask.
+    rollout = generate(sampler, tokenizer, prompts, args, eos_ids, temperature, log=log)
+    generate_seconds = time.time() - step_start
+
+    # 3. Rewards: verify.py's verdicts, weighted.
+    scores = score(rollout["texts"], group_items, args, pool)
+
+    # 4. Group advantages, and the loss mask that says which tokens train.
+    rewards, advantages, loss_mask, zero_std = advantages_and_loss_mask(scores["rewards"], rollout, args)
+    batch = {"prompt_ids": rollout["prompt_ids"], "prompt_mask": rollout["prompt_mask"],
+             "completion_ids": rollout["completion_ids"], "completion_mask": rollout["completion_mask"],
+             "loss_mask": loss_mask, "advantages": advantages}
+    batch = {k: v.to(device) for k, v in batch.items()}
+
+    # 5. Reference (adapters off) and, for μ > 1, old log-probs: computed once, before any update.
+    reference_start = time.time()
+    if args.beta != 0:
+        batch["ref_logp"] = batch_logprobs(model, batch, args, temperature, reference=True)
+    if args.num_iterations > 1:
+        batch["old_logp"] = batch_logprobs(model, batch, args, temperature)
+    reference_seconds = time.time() - reference_start
+
+    # 6. μ optimizer steps on this batch. The denominator is global: summed over ranks.
+    train_start = time.time()
+    denominator = sum(all_gather(loss_denominator(batch["loss_mask"], args.agg, args.max_new_tokens)))
+    for _ in range(args.num_iterations):
+        stats, grad_norm, finite = update_adapters(model, batch, optimizer, scheduler, args, temperature, denominator)
+        bad_steps = 0 if finite else bad_steps + 1
+        if not finite:
+            log(f"step {step + 1}: non-finite loss or gradient, update skipped ({bad_steps} in a row)")
+            break
+    if sampler is not model:
+        refresh_generation_model(model, sampler)  # the next rollout samples from the updated policy
+    train_seconds = time.time() - train_start
+    return {"step": step + 1, "prompts": prompts, "rollout": rollout, "scores": scores, "rewards": rewards,
+            "advantages": advantages, "zero_std": zero_std, "stats": stats, "grad_norm": grad_norm,
+            "bad_steps": bad_steps, "temperature": temperature, "lr": scheduler.get_last_lr()[0],
+            "seconds": {"generate": generate_seconds, "reference": reference_seconds, "train": train_seconds,
+                        "step": time.time() - step_start},
+            "peak_memory_gib": peak_memory_gib(device)}
 
 
 # -----------------------------------------------------------------------------
@@ -824,6 +952,40 @@ def peak_memory_gib(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
+def step_metrics(result, args: Args, world_size=1) -> dict:
+    """The metrics.jsonl record of one step (names in the README), over every rank's completions.
+    result is grpo_step's; its "stats" are accumulate_gradients' token-weighted loss statistics."""
+    rollout = result["rollout"]
+    gathered = all_gather({"rewards": result["rewards"].tolist(), "correct": result["scores"]["correct"].tolist(),
+                           "formatted": result["scores"]["formatted"].tolist(),
+                           "lengths": rollout["completion_mask"].sum(1).int().tolist(),
+                           "truncated": rollout["truncated"].tolist(), "zero_std": result["zero_std"].tolist(),
+                           "reflection": [bool(REFLECTION_PATTERN.search(t)) for t in rollout["texts"]],
+                           "stats": result["stats"], "peak_memory_gib": result["peak_memory_gib"]})
+    every = {key: np.concatenate([g[key] for g in gathered]) for key in gathered[0] if key not in ("stats", "peak_memory_gib")}
+    tokens = [g["stats"].get("tokens", 0.0) for g in gathered]
+
+    def token_mean(key):  # a loss statistic over all ranks' trained tokens
+        return float(np.average([g["stats"].get(key, 0.0) for g in gathered], weights=tokens)) if sum(tokens) else 0.0
+    seconds = result["seconds"]
+    return {"step": result["step"], "reward/mean": float(every["rewards"].mean()), "reward/std": float(every["rewards"].std()),
+            "reward/correct": float(every["correct"].mean()), "reward/format": float(every["formatted"].mean()),
+            "completions/mean_length": float(every["lengths"].mean()), "completions/max_length": int(every["lengths"].max()),
+            "completions/truncated_frac": float(every["truncated"].mean()),
+            "groups/zero_std_frac": float(every["zero_std"].mean()),
+            "groups/dropped": int(every["zero_std"].sum()) if args.drop_zero_std_groups else 0,
+            "behaviour/reflection_rate": float(every["reflection"].mean()),
+            "loss/value": sum(g["stats"].get("loss", 0.0) for g in gathered), "loss/kl": token_mean("kl"),
+            "loss/clip_frac": token_mean("clip_frac"), "loss/clip_frac_low": token_mean("clip_frac_low"),
+            "loss/clip_frac_high": token_mean("clip_frac_high"), "loss/ratio_mean": token_mean("ratio_mean"),
+            "loss/grad_norm": result["grad_norm"], "loss/trained_tokens": int(sum(tokens)),
+            "optim/lr": result["lr"], "rollout/temperature": result["temperature"],
+            "time/generate_s": seconds["generate"], "time/reference_s": seconds["reference"],
+            "time/train_s": seconds["train"], "time/step_s": seconds["step"],
+            "throughput/generated_tokens_per_s": float(every["lengths"].sum()) / max(seconds["generate"], 1e-9) / world_size,
+            "memory/peak_gib": max(g["peak_memory_gib"] for g in gathered)}
+
+
 def format_step_line(m, steps) -> str:
     return (f"step {m['step']}/{steps} | reward {m['reward/mean']:.3f} ± {m['reward/std']:.3f} "
             f"| acc {m['reward/correct']:.3f} | fmt {m['reward/format']:.2f} "
@@ -839,6 +1001,37 @@ def append_jsonl(path, records):
     with open(path, "a", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps(record) + "\n")
+
+
+def write_step_records(run_dir, metrics, result, args: Args, log=print):
+    """Rank 0: the step's record to metrics.jsonl, its first --samples-per-step completions to
+    samples.jsonl, and every --sample-every steps one completion on stdout."""
+    prompts, texts, rewards, advantages = result["prompts"], result["rollout"]["texts"], result["rewards"], result["advantages"]
+    append_jsonl(os.path.join(run_dir, "metrics.jsonl"), [metrics])
+    append_jsonl(os.path.join(run_dir, "samples.jsonl"),
+                 [{"step": metrics["step"], "prompt": prompts[i], "completion": texts[i], "reward": float(rewards[i]),
+                   "advantage": float(advantages[i]), "truncated": bool(result["rollout"]["truncated"][i])}
+                  for i in range(min(args.samples_per_step, len(prompts)))])
+    if args.sample_every and metrics["step"] % args.sample_every == 0:
+        log(f"--- sample (reward {float(rewards[0]):.2f}, advantage {float(advantages[0]):+.2f}) ---\n"
+            f"{texts[0][:600]}\n---")
+
+
+def announce_run(args: Args, run_dir, world_size, num_items, is_main, log=print):
+    """Print the config and the batch geometry derived from it; rank 0 creates the run directory."""
+    log("config: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in dataclasses.asdict(args).items()))
+    local_prompts = args.prompts_per_step // world_size
+    sequences = args.prompts_per_step * args.group_size
+    log(f"batch: {args.prompts_per_step} prompts × G={args.group_size} = {sequences} sequences per step "
+        f"({local_prompts * args.group_size} per rank × {world_size} ranks), micro-batch {args.micro_batch} "
+        f"-> {math.ceil(local_prompts * args.group_size / args.micro_batch)} forward/backward per rank, "
+        f"μ={args.num_iterations}, {args.steps} steps = {args.steps * args.num_iterations} optimizer steps, "
+        f"{num_items} training items ({args.steps * args.prompts_per_step / num_items:.2f} epochs)")
+    if is_main:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump(dataclasses.asdict(args), f, indent=2)
+        log(f"run directory {run_dir}")
 
 
 def plot_metrics(run_dir):
@@ -916,6 +1109,17 @@ def save_checkpoint(run_dir, step, model, optimizer, scheduler, args: Args, keep
     return final
 
 
+def resume_target(args: Args):
+    """--resume RUN_DIR: (its newest checkpoint, checked against args; args pointed at RUN_DIR), or
+    (None, args) for a fresh run. The caller's args stay as they were."""
+    if not args.resume:
+        return None, args
+    path = latest_checkpoint(args.resume)
+    check_resume_args(path, args)
+    out_dir, run_name = os.path.split(os.path.abspath(args.resume.rstrip("/")))
+    return path, dataclasses.replace(args, out_dir=out_dir, run_name=run_name)
+
+
 def latest_checkpoint(run_dir):
     """The newest complete-looking checkpoint of a run; refuses a partial one with a clear message."""
     checkpoints = os.path.join(run_dir, "checkpoints")
@@ -965,42 +1169,35 @@ def load_checkpoint(path, model, optimizer, scheduler, rank=0, world_size=1) -> 
 
 
 # -----------------------------------------------------------------------------
-# The training loop.
+# The training loop: setup, then grpo_step, log, evaluate, save, until the last step or a signal.
+
+
+def catch_stop_signals(log=print):
+    """SIGINT/SIGTERM: finish the current step, save, exit cleanly. A second Ctrl-C stops at once.
+    Returns (stop, previous handlers); stop["requested"] turns True at the first signal."""
+    stop = {"requested": False}
+
+    def request_stop(signum, frame):
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        log(f"signal {signum}: stopping after this step and saving a checkpoint")
+    return stop, {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
 
 
 def main(args: Args):
     """Train (or evaluate, or plot). Returns {"model", "metrics"} so tests and notebooks can look inside."""
     if args.plot:
         return plot_metrics(args.plot)
-    # torchrun sets these; a plain `python grpo.py` is rank 0 of 1.
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    check_args(args, world_size)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    check_args(args, world_size=int(os.environ.get("WORLD_SIZE", 1)))
+    rank, world_size, device = init_distributed(args)
     is_main = rank == 0
     log = print if is_main else (lambda *a, **k: None)
-
     seed_everything(args.seed)  # the same on every rank, so the LoRA initialisation is identical
-
-    resume_from = None
-    if args.resume:
-        resume_from = latest_checkpoint(args.resume)
-        check_resume_args(resume_from, args)
-        out_dir, run_name = os.path.split(os.path.abspath(args.resume.rstrip("/")))
-        args = dataclasses.replace(args, out_dir=out_dir, run_name=run_name)  # the caller's args stay as they were
+    resume_from, args = resume_target(args)
     # Ranks start a second apart: rank 0's timestamp names the run for all of them.
-    run_name = all_gather(args.run_name or time.strftime("grpo-%Y%m%d-%H%M%S"))[0]
-    run_dir = os.path.join(args.out_dir, run_name)
-    train_items = [] if args.eval_only else load_items(args.data)
-    eval_items = load_items(args.eval_data) if (args.eval_every > 0 or args.eval_only) else []
-    eval_items = eval_items[: args.eval_n] if args.eval_n > 0 else eval_items
-    if train_items and args.prompts_per_step > len(train_items):
-        fail(f"--prompts-per-step {args.prompts_per_step} is more than the {len(train_items)} items in {args.data}")
+    run_dir = os.path.join(args.out_dir, all_gather(args.run_name or time.strftime("grpo-%Y%m%d-%H%M%S"))[0])
+    train_items, eval_items = load_data(args)
     check_model_fits(args, device)
 
     model, tokenizer = load_model(args, device)
@@ -1015,38 +1212,16 @@ def main(args: Args):
         return {"model": model, "metrics": [result]}
 
     # Only the LoRA adapters train: peft froze the 4-bit base, so AdamW's state is ~3× the adapter size.
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                                  weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, args))
     start_step = 0
     if resume_from:
         start_step = load_checkpoint(resume_from, model, optimizer, scheduler, rank, world_size)["step"]
         log(f"resumed {run_dir} from {resume_from} at step {start_step}")
-    log("config: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in dataclasses.asdict(args).items()))
-    local_prompts = args.prompts_per_step // world_size
-    sequences = args.prompts_per_step * args.group_size
-    log(f"batch: {args.prompts_per_step} prompts × G={args.group_size} = {sequences} sequences per step "
-        f"({local_prompts * args.group_size} per rank × {world_size} ranks), micro-batch {args.micro_batch} "
-        f"-> {math.ceil(local_prompts * args.group_size / args.micro_batch)} forward/backward per rank, "
-        f"μ={args.num_iterations}, {args.steps} steps = {args.steps * args.num_iterations} optimizer steps, "
-        f"{len(train_items)} training items ({args.steps * args.prompts_per_step / len(train_items):.2f} epochs)")
-    metrics_path, samples_path = os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "samples.jsonl")
-    if is_main:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(dataclasses.asdict(args), f, indent=2)
-        log(f"run directory {run_dir}")
-
-    # SIGINT/SIGTERM: finish the current step, save, exit cleanly. A second Ctrl-C stops at once.
-    stop = {"requested": False}
-    def request_stop(signum, frame):
-        if stop["requested"]:
-            raise KeyboardInterrupt
-        stop["requested"] = True
-        log(f"signal {signum}: stopping after this step and saving a checkpoint")
-    previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    history, bad_steps, step = [], 0, start_step
+    announce_run(args, run_dir, world_size, len(train_items), is_main, log)
+    stop, previous_handlers = catch_stop_signals(log)
+    history, bad_steps = [], 0
 
     def run_evaluation(at_step):
         """Held-out eval: one printed line, a record in history and metrics.jsonl."""
@@ -1055,117 +1230,21 @@ def main(args: Args):
             f"| lenient {result['eval/accuracy_lenient']:.3f} | format {result['eval/format_rate']:.3f}")
         history.append(result)
         if is_main:
-            append_jsonl(metrics_path, [result])
+            append_jsonl(os.path.join(run_dir, "metrics.jsonl"), [result])
     try:
         if eval_items and start_step == 0:  # the base model's score: the "before" of the run
             run_evaluation(0)
         for step in range(start_step, args.steps):
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            step_start = time.time()
-            temperature = temperature_at(step, args)  # sampling and log-probs use the same one: same policy
-
-            # 1. Rollout: this rank's share of the step's prompts, each repeated G times (groups contiguous).
-            indices = batch_indices(step, args.prompts_per_step, len(train_items), args.seed)
-            items = [train_items[i] for i in indices[rank * local_prompts : (rank + 1) * local_prompts]]
-            group_items = [item for item in items for _ in range(args.group_size)]
-            prompts = [build_prompt(item, tokenizer, args.chat_template) for item in group_items]
-            rollout = generate(sampler, tokenizer, prompts, args, eos_ids, temperature, log=log)
-            generate_seconds = time.time() - step_start
-
-            # 2. Rewards (verify.py) and 3. group advantages.
-            scores = score(rollout["texts"], group_items, args, pool)
-            rewards = scores["rewards"].clone()  # [N]
-            truncated = rollout["truncated"]  # [N]
-            if args.overlong == "penalty":
-                rewards = rewards - args.overlong_penalty * truncated.float()
-            advantages = group_advantages(rewards, args.group_size, scale=args.scale_advantages)  # [N]
-            # All-zero advantages happen exactly for zero-std groups (otherwise some deviation is non-zero).
-            zero_std = (advantages.view(-1, args.group_size) == 0).all(dim=1)  # [B]
-            # The loss mask: completion tokens, minus masked-out truncations and dropped groups.
-            keep = torch.ones_like(rewards, dtype=torch.bool)  # [N]
-            if args.overlong == "mask":
-                keep &= ~truncated
-            if args.drop_zero_std_groups:
-                keep &= ~zero_std.repeat_interleave(args.group_size)
-            batch = {"prompt_ids": rollout["prompt_ids"], "prompt_mask": rollout["prompt_mask"],
-                     "completion_ids": rollout["completion_ids"], "completion_mask": rollout["completion_mask"],
-                     "loss_mask": rollout["completion_mask"] * keep[:, None].float(), "advantages": advantages}
-            batch = {k: v.to(device) for k, v in batch.items()}
-
-            # 4. Reference (adapters off) and, for μ > 1, old log-probs: computed once, before any update.
-            reference_start = time.time()
-            if args.beta != 0:
-                batch["ref_logp"] = batch_logprobs(model, batch, args, temperature, reference=True)
-            if args.num_iterations > 1:
-                batch["old_logp"] = batch_logprobs(model, batch, args, temperature)
-            reference_seconds = time.time() - reference_start
-
-            # 5. μ optimizer steps on this batch. The denominator is global: summed over ranks.
-            train_start = time.time()
-            local = loss_denominator(batch["loss_mask"], args.agg, args.max_new_tokens)
-            denominator = sum(all_gather(local))
-            for _ in range(args.num_iterations):
-                optimizer.zero_grad(set_to_none=True)
-                stats = accumulate_gradients(model, batch, args, temperature, denominator)
-                all_reduce_gradients(parameters)
-                grad_norm = torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm if args.max_grad_norm > 0 else float("inf"))
-                # grad_norm is global after the all-reduce; the losses are gathered: every rank decides alike.
-                losses = all_gather(stats.get("loss", 0.0))
-                if not (all(math.isfinite(loss) for loss in losses) and torch.isfinite(grad_norm)):
-                    # Skip the update: one bad batch must not poison the adapters (and Adam's moments).
-                    bad_steps += 1
-                    optimizer.zero_grad(set_to_none=True)
-                    log(f"step {step + 1}: non-finite loss or gradient, update skipped ({bad_steps} in a row)")
-                    if bad_steps >= args.max_bad_steps:
-                        fail(f"{bad_steps} non-finite steps in a row: stopping. The last good checkpoint is in "
-                             f"{run_dir}/checkpoints; try a lower --lr or --max-grad-norm")
-                    break
-                bad_steps = 0
-                optimizer.step()
-                scheduler.step()
-            if sampler is not model:
-                refresh_generation_model(model, sampler)  # the next rollout samples from the updated policy
-            train_seconds = time.time() - train_start
-
-            # 6. Metrics over all ranks, one line, samples.
-            gathered = all_gather({"rewards": rewards.tolist(), "correct": scores["correct"].tolist(),
-                                   "formatted": scores["formatted"].tolist(),
-                                   "lengths": rollout["completion_mask"].sum(1).int().tolist(),
-                                   "truncated": truncated.tolist(), "zero_std": zero_std.tolist(),
-                                   "reflection": [bool(REFLECTION_PATTERN.search(t)) for t in rollout["texts"]],
-                                   "stats": stats})
-            every = {key: np.concatenate([g[key] for g in gathered]) for key in gathered[0] if key != "stats"}
-            tokens = [g["stats"].get("tokens", 0.0) for g in gathered]
-            def token_mean(key):
-                return float(np.average([g["stats"].get(key, 0.0) for g in gathered], weights=tokens)) if sum(tokens) else 0.0
-            step_seconds = time.time() - step_start
-            metrics = {"step": step + 1, "reward/mean": float(every["rewards"].mean()), "reward/std": float(every["rewards"].std()),
-                       "reward/correct": float(every["correct"].mean()), "reward/format": float(every["formatted"].mean()),
-                       "completions/mean_length": float(every["lengths"].mean()), "completions/max_length": int(every["lengths"].max()),
-                       "completions/truncated_frac": float(every["truncated"].mean()),
-                       "groups/zero_std_frac": float(every["zero_std"].mean()),
-                       "groups/dropped": int(every["zero_std"].sum()) if args.drop_zero_std_groups else 0,
-                       "behaviour/reflection_rate": float(every["reflection"].mean()),
-                       "loss/value": sum(g["stats"].get("loss", 0.0) for g in gathered), "loss/kl": token_mean("kl"),
-                       "loss/clip_frac": token_mean("clip_frac"), "loss/clip_frac_low": token_mean("clip_frac_low"),
-                       "loss/clip_frac_high": token_mean("clip_frac_high"), "loss/ratio_mean": token_mean("ratio_mean"),
-                       "loss/grad_norm": float(grad_norm), "loss/trained_tokens": int(sum(tokens)),
-                       "optim/lr": scheduler.get_last_lr()[0], "rollout/temperature": temperature,
-                       "time/generate_s": generate_seconds, "time/reference_s": reference_seconds,
-                       "time/train_s": train_seconds, "time/step_s": step_seconds,
-                       "throughput/generated_tokens_per_s": float(every["lengths"].sum()) / max(generate_seconds, 1e-9) / world_size,
-                       "memory/peak_gib": max(all_gather(peak_memory_gib(device)))}
+            result = grpo_step(step, train_items, model, sampler, tokenizer, optimizer, scheduler, args, eos_ids,
+                               pool, bad_steps, rank, world_size, log)
+            bad_steps = result["bad_steps"]
+            if bad_steps >= args.max_bad_steps:
+                fail(f"{bad_steps} non-finite steps in a row: stopping. The last good checkpoint is in "
+                     f"{run_dir}/checkpoints; try a lower --lr or --max-grad-norm")
+            metrics = step_metrics(result, args, world_size)
             log(format_step_line(metrics, args.steps))
             if is_main:
-                append_jsonl(metrics_path, [metrics])
-                append_jsonl(samples_path, [{"step": step + 1, "prompt": prompts[i], "completion": rollout["texts"][i],
-                                             "reward": float(rewards[i]), "advantage": float(advantages[i]),
-                                             "truncated": bool(truncated[i])}
-                                            for i in range(min(args.samples_per_step, len(prompts)))])
-                if args.sample_every and (step + 1) % args.sample_every == 0:
-                    log(f"--- sample (reward {float(rewards[0]):.2f}, advantage {float(advantages[0]):+.2f}) ---\n"
-                        f"{rollout['texts'][0][:600]}\n---")
+                write_step_records(run_dir, metrics, result, args, log)
             history.append(metrics)
 
             # A signal may reach the ranks at different moments: stop when any rank has one, all at this step.

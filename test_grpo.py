@@ -761,8 +761,10 @@ def run_distributed(tmp_path, args, ranks, env_extra=None, timeout=300):
     script = tmp_path / "dist_run.py"
     script.write_text(DISTRIBUTED_SCRIPT.format(root=str(ROOT)))
     output = tmp_path / f"adapter_{ranks}.pt"
+    # No --master-port: a single-node torchrun then rendezvouses on localhost:0, a port the OS picks free
+    # (a fixed or pid-derived port can collide with another test run or service on a shared machine).
     launcher = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
-                                                   str(ranks), "--master-port", str(29500 + os.getpid() % 1000)]
+                                                   str(ranks)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(key, None)

@@ -200,7 +200,8 @@ def main(report_fd, cpu_seconds, memory, file_size, processes, audit):
 
     program = compile(program, "<program>", "exec")
     tests = compile(ast.fix_missing_locations(StrictEquality().visit(ast.parse(tests))), "<tests>", "exec")
-    saved_builtins, write, exit = dict(builtins.__dict__), os.write, os._exit
+    saved_builtins, write, exit, getpid = dict(builtins.__dict__), os.write, os._exit, os.getpid
+    harness_pid = getpid()  # before the program runs: only this process may report (see run_tests)
     if audit:
         install_audit_hook(os.path.realpath(os.getcwd()))
     namespace = {"__name__": "__main__", "__builtins__": builtins}
@@ -211,7 +212,8 @@ def main(report_fd, cpu_seconds, memory, file_size, processes, audit):
     test_namespace = {k: v for k, v in namespace.items() if k not in saved_builtins}
     test_namespace.update(__name__="__main__", __builtins__=builtins, __same__=same)
     exec(tests, test_namespace)
-    write(report_fd, token.encode())
+    if getpid() == harness_pid:  # a forked copy of this process (audit=False) reaches here too: it stays silent
+        write(report_fd, token.encode())
     exit(0)  # now: atexit handlers and leftover threads of the program do not matter
 
 def install_audit_hook(root):
@@ -331,7 +333,10 @@ def kill_run(leader, marker):
 
 def run_tests(program, tests, timeout=5.0, audit=True) -> bool:
     """True iff `program` then `tests` run to their end in the sandbox (code_reward's docstring).
-    audit=False leaves out the audit hook, so that the tests can check the other layers on their own."""
+    audit=False leaves out the audit hook, so that the tests can check the other layers on their own.
+    A program that forks (possible only with audit=False): the verdict is the harness process's own,
+    the one started here. A forked copy that also runs the tests to the end writes nothing, so the
+    answer does not depend on which process gets there first; the cleanup kills the copies either way."""
     # The marker and the directory name carry our pid, so that a test can tell its runs from others'.
     token, marker = secrets.token_hex(16), f"{os.getpid()}-{secrets.token_hex(16)}".encode()
     workdir = tempfile.mkdtemp(prefix=f"grpo_code_{os.getpid()}_")
@@ -356,7 +361,8 @@ def run_tests(program, tests, timeout=5.0, audit=True) -> bool:
         # poll, not select: select fails on fd numbers above 1023, which a busy trainer may reach.
         poller = select.poll()
         poller.register(report_read, select.POLLIN)
-        return bool(poller.poll(timeout * 1000)) and os.read(report_read, 64) == token.encode()
+        # Exactly one token's length: only the harness's own process writes it, once (one atomic write).
+        return bool(poller.poll(timeout * 1000)) and os.read(report_read, len(token)) == token.encode()
     finally:
         if process is not None:
             kill_run(process.pid, marker)  # also after a pass: nothing it started survives the call
