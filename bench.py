@@ -629,6 +629,8 @@ def suite_main(a):
         def on_line(line, measurement=measurement, start=start):
             log.write(f"[{name} {time.monotonic() - start:7.1f}s] {line}\n")
             log.flush()
+            # A progress bar may share the line (bars end without a newline): the record starts at its brace.
+            line = line[line.find('{"'):] if '{"' in line else line
             if line.startswith("{"):
                 try:
                     record = json.loads(line)

@@ -29,8 +29,9 @@ Departures from the paper (each is a flag; the default is listed first):
      masking or penalising completions that hit max_new_tokens (`--overlong`, DAPO).
   6. Log-probs are computed at the sampling temperature (logits / T), so they are the log-probs of
      the policy that sampled. top-p truncation is not modelled (as in TRL).
-  7. `--generation-model merged` samples from a dense copy of the policy (4-bit base dequantized,
-     LoRA merged) for speed; in bf16 it differs from the trained policy by rounding only.
+  7. On a GPU, rollouts are sampled from a dense bf16 copy of the policy (4-bit base dequantized, LoRA
+     merged, refreshed every step) for speed; it differs from the trained policy by rounding only.
+     `--generation-model policy` samples from the 4-bit model itself (26 GB less at 14B).
 
 Shapes: B prompts per step, G completions per prompt, N = B·G sequences, P prompt tokens,
 T completion tokens, V vocabulary, H hidden size. "mask" is always a 0/1 float of shape [N, T].
@@ -101,8 +102,9 @@ class Args:
     top_p: float = arg(1.0, "nucleus sampling threshold")
     generation_chunk: int = arg(0, "sequences per model.generate call; 0: as many as the free memory holds (KV cache "
                                 "sized from the model config); halved automatically on CUDA out-of-memory")
-    generation_model: str = arg("policy", "sample from: policy (the 4-bit + LoRA model) | merged (a dense copy of the "
-                                "dequantized base with LoRA merged, refreshed every step: faster decoding, +2 bytes/weight)")
+    generation_model: str = arg("auto", "sample from: policy (the 4-bit + LoRA model) | merged (a dense copy of the "
+                                "dequantized base with LoRA merged, refreshed every step: faster decoding, +2 bytes/weight) "
+                                "| auto: merged on CUDA (measured faster: README Performance), policy on CPU")
     overlong: str = arg("keep", "truncated completions: keep | mask (out of the loss, DAPO) | penalty (reward - overlong_penalty)")
     overlong_penalty: float = arg(1.0, "subtracted from a truncated completion's reward with --overlong penalty")
     # reward
@@ -174,7 +176,7 @@ def check_args(args: Args, world_size: int = 1):
     if args.prompts_per_step % world_size:
         fail(f"--prompts-per-step {args.prompts_per_step} does not split into whole groups over {world_size} ranks")
     choices = {"agg": ("seq", "token", "dr_grpo"), "overlong": ("keep", "mask", "penalty"),
-               "generation_model": ("policy", "merged"),
+               "generation_model": ("auto", "policy", "merged"),
                "lr_schedule": ("cosine", "constant")}
     for name, allowed in choices.items():
         if getattr(args, name) not in allowed:
@@ -367,10 +369,10 @@ def end_of_sequence_ids(model, tokenizer) -> list[int]:
 
 @torch.no_grad()
 def build_generation_model(model):
-    """A dense copy of the policy for sampling only (--generation-model merged). 4-bit decoding pays
-    a dequantize + two LoRA matmuls per linear per token; a dense copy decodes with plain GEMMs (a probe
-    with stock tools on an H100 saw 52 vs 133 ms per decode step at 14B; not yet measured with grpo.py). Costs 2 bytes per block weight
-    (26 GB at 14B); embeddings, norms and lm_head are shared with the policy, not copied."""
+    """A dense copy of the policy for sampling only (--generation-model merged; auto on CUDA). 4-bit decoding pays
+    a dequantize + two LoRA matmuls per linear per token; a dense copy decodes with plain GEMMs (measured on an
+    H200, 8-layer slice of 14B, 128 x 256 tokens: 5.0 s vs 8.3 s; README Performance). Costs 2 bytes per
+    block weight (26 GB at 14B); embeddings, norms and lm_head are shared with the policy, not copied."""
     from transformers import AutoModelForCausalLM
     source = model.get_base_model()
     dtype = source.get_output_embeddings().weight.dtype  # the compute dtype: bf16 on GPU, float32 on CPU
@@ -1204,7 +1206,8 @@ def main(args: Args):
     # Every rank sees the same prompts (batch_indices uses args.seed) but samples its completions with its own seed.
     seed_everything(args.seed + rank)
     eos_ids = end_of_sequence_ids(model, tokenizer)
-    sampler = build_generation_model(model) if args.generation_model == "merged" else model
+    merged = args.generation_model == "merged" or (args.generation_model == "auto" and device.type == "cuda")
+    sampler = build_generation_model(model) if merged else model
     pool = ThreadPoolExecutor(args.reward_workers)
     if args.eval_only:
         result = evaluate(sampler, tokenizer, eval_items, args, eos_ids, pool, rank, world_size)
