@@ -29,6 +29,16 @@ bench.py -- measurements behind the README's Performance section. Two subcommand
                                       --tokenizer ../shared/qwen2.5-tokenizer
       Tiny, on a CPU:             write a small Qwen2 config.json (see TINY_CONFIG in test_grpo.py) and pass it.
 
+  python bench.py plan [--gsm8k ../shared/data/gsm8k/train.jsonl --prompts 16 --group 8 --new-tokens 512
+                       --micro-batch 16 --steps 200 --length-scale 1]
+      A pure computation, no model: padded prompt + completion tokens that the log-prob/policy passes
+      process per step with fixed micro-batches of --micro-batch sequences vs grpo's --micro-batch-tokens
+      set to the same peak (the largest micro-batch the fixed plan formed over the simulated steps).
+      Prompts are GSM8K questions through grpo.build_prompt (chat template, Qwen2.5 tokenizer; a step's
+      prompts are left-padded to its longest); completion lengths are drawn from the token lengths of
+      GSM8K's reference answers (calculator annotations <<...>> removed) × --length-scale, capped at
+      --new-tokens.
+
 Memory. CUDA: torch.cuda.max_memory_allocated, reset at the start of each measurement. CPU: the
 process's peak resident set size (resource.getrusage ru_maxrss). ru_maxrss is a lifetime peak, so
 before each measurement it is reset to the current RSS by writing "5" to /proc/self/clear_refs
@@ -290,6 +300,49 @@ PHASE_TITLES = {"generation": "generation (grpo.generate)", "reference": "refere
                 "old": "old log-probs (μ > 1)", "policy": "policy forward+backward", "optimizer": "optimizer (clip+AdamW)"}
 
 
+def gsm8k_lengths(path, tokenizer, scale):
+    """Token lengths of GSM8K questions (as grpo prompts) and of its reference answers (without the <<...>>
+    calculator annotations, which models do not write), answers × scale."""
+    import re
+    items = [json.loads(line) for line in open(path)]
+    prompts = [len(tokenizer(grpo.build_prompt({"prompt": x["question"], "answer": "0"}, tokenizer),
+                             add_special_tokens=False)["input_ids"]) for x in items]
+    answers = [max(1, round(scale * len(tokenizer(re.sub(r"<<[^>]*>>", "", x["answer"]), add_special_tokens=False)["input_ids"])))
+               for x in items]
+    return prompts, answers
+
+
+def plan_costs(lengths, micro_batch, micro_batch_tokens=0) -> list[int]:
+    """Padded tokens of each micro-batch grpo forms: its size × its longest (sequence_logprobs trims the rest)."""
+    return [len(rows) * max(lengths[i] for i in rows) for rows in grpo.micro_batch_plan(lengths, micro_batch, micro_batch_tokens)]
+
+
+def plan_main(a):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(a.tokenizer or DEFAULT_TOKENIZER)
+    prompt_lengths, answer_lengths = gsm8k_lengths(a.gsm8k, tokenizer, a.length_scale)
+    rng = random.Random(a.seed)
+    steps, widths = [], []
+    for _ in range(a.steps):
+        prompt_width = max(rng.sample(prompt_lengths, a.prompts))  # left-padded to the step's longest prompt
+        widths.append(prompt_width)
+        completions = [min(a.new_tokens, rng.choice(answer_lengths)) for _ in range(a.prompts * a.group)]
+        steps.append([prompt_width + c for c in completions])  # what grpo.sequence_lengths returns
+    fixed = [plan_costs(lengths, a.micro_batch) for lengths in steps]
+    budget = max(max(c) for c in fixed)  # the fixed plan's peak micro-batch, over all simulated steps
+    budgeted = [plan_costs(lengths, a.micro_batch, budget) for lengths in steps]
+    real = statistics.mean(sum(lengths) for lengths in steps)
+    print(f"GSM8K-like lengths ({a.gsm8k}, answers × {a.length_scale}), {a.steps} steps of {a.prompts} prompts × "
+          f"G={a.group}: padded prompt width mean {statistics.mean(widths):.0f}; completion mean "
+          f"{statistics.mean(answer_lengths):.0f}, max {max(answer_lengths)} (cut at {a.new_tokens})")
+    print(f"{'plan':<30} | padded tokens/step | completion padding | forwards/step | peak micro-batch tokens")
+    for name, costs in ((f"--micro-batch {a.micro_batch}", fixed), (f"--micro-batch-tokens {budget}", budgeted)):
+        padded = statistics.mean(sum(c) for c in costs)
+        print(f"{name:<30} | {padded:>18,.0f} | {1 - real / padded:>18.1%} | {statistics.mean(len(c) for c in costs):>13.1f} "
+              f"| {max(max(c) for c in costs):>23,}")
+    print(f"{'(prompt + real completion)':<30} | {real:>18,.0f} |")
+
+
 def step_main(a):
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if a.threads:
@@ -312,7 +365,8 @@ def step_main(a):
             print(f"random {parameters / 1e9:.3f}B-parameter model of {a.config} saved to {model_dir} "
                   f"in {time.perf_counter() - start:.1f} s", flush=True)
         args = grpo.Args(model=model_dir, device=device.type, prompts_per_step=a.prompts, group_size=a.group,
-                         max_new_tokens=a.new_tokens, micro_batch=a.micro_batch, beta=a.beta, num_iterations=a.num_iterations,
+                         max_new_tokens=a.new_tokens, micro_batch=a.micro_batch,
+                         micro_batch_tokens=a.micro_batch_tokens, beta=a.beta, num_iterations=a.num_iterations,
                          lora_rank=a.lora_r, lora_alpha=2 * a.lora_r, lr=a.lr, steps=a.steps, seed=a.seed,
                          generation_chunk=a.generation_chunk or grpo.Args.generation_chunk,
                          logprob_memory_mb=a.logprob_memory_mb, gradient_checkpointing=a.gradient_checkpointing,
@@ -336,6 +390,21 @@ def step_main(a):
         group_prompts = [q for q in prompts for _ in range(a.group)]  # groups contiguous, as grpo.main
         before = lora_snapshot(model)
         records = []
+        completion_lengths = gsm8k_lengths(a.lengths_from, tokenizer, 1.0)[1] if a.lengths_from else None
+        # --inject-oom STEP: the policy pass of that step runs out of memory once, after the forward of its LAST
+        # micro-batch (the worst case: every other micro-batch is redone), as a CUDA OOM would be raised.
+        injection = {"at": 0, "calls": 0}
+        real_sequence_logprobs = grpo.sequence_logprobs
+
+        def sequence_logprobs_running_out(*positional, **keywords):
+            logprobs = real_sequence_logprobs(*positional, **keywords)
+            if injection["at"] and torch.is_grad_enabled():
+                injection["calls"] += 1
+                if injection["calls"] == injection["at"]:
+                    injection["at"] = 0
+                    raise torch.OutOfMemoryError("CUDA out of memory (simulated by bench.py --inject-oom)")
+            return logprobs
+        grpo.sequence_logprobs = sequence_logprobs_running_out  # accumulate_gradients looks it up at call time
         print(f"batch: {a.prompts} prompts × G={a.group} = {len(group_prompts)} sequences, ~{a.prompt_tokens} prompt + "
               f"{a.new_tokens} new tokens{'' if a.allow_eos else ' (EOS suppressed: all max length)'}, micro-batch "
               f"{a.micro_batch}, β={a.beta}, μ={a.num_iterations}, LoRA r={a.lora_r}, "
@@ -345,8 +414,18 @@ def step_main(a):
             phase = functools.partial(measure_phase, device, seconds, peaks, used)
 
             step_start = time.perf_counter()
-            with phase("generation"):
-                rollout = grpo.generate(sampler, tokenizer, group_prompts, args, eos_ids, args.temperature)
+            if a.random_completions:  # the training passes cost the same whatever the tokens: skip decoding
+                encoded = tokenizer(group_prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+                completion_ids = torch.randint(1000, 100000, (len(group_prompts), a.new_tokens))
+                rollout = {"prompt_ids": encoded["input_ids"], "prompt_mask": encoded["attention_mask"],
+                           "completion_ids": completion_ids, "completion_mask": torch.ones(completion_ids.shape)}
+            else:
+                with phase("generation"):
+                    rollout = grpo.generate(sampler, tokenizer, group_prompts, args, eos_ids, args.temperature)
+            if completion_lengths:  # GSM8K-like lengths for the training passes: an EOS where each one ends
+                for i in range(len(group_prompts)):
+                    rollout["completion_ids"][i, min(a.new_tokens, rng.choice(completion_lengths)) - 1] = eos_ids[0]
+                rollout["completion_mask"], _ = grpo.completion_mask_from_ids(rollout["completion_ids"], eos_ids)
             generated = int(rollout["completion_mask"].sum())
             rewards = torch.tensor([rng.random() for _ in group_prompts])  # random: non-zero advantages
             advantages = grpo.group_advantages(rewards, a.group, scale=args.scale_advantages)
@@ -356,15 +435,23 @@ def step_main(a):
             batch = {k: v.to(device) for k, v in batch.items()}
             if a.beta != 0:
                 with phase("reference"):
-                    batch["ref_logp"] = grpo.batch_logprobs(model, batch, args, args.temperature, reference=True)
+                    batch["ref_logp"] = grpo.with_memory_retry(
+                        lambda: grpo.batch_logprobs(model, batch, args, args.temperature, reference=True),
+                        model, batch, args, "reference pass")
             if a.num_iterations > 1:
                 with phase("old"):
-                    batch["old_logp"] = grpo.batch_logprobs(model, batch, args, args.temperature)
+                    batch["old_logp"] = grpo.with_memory_retry(lambda: grpo.batch_logprobs(model, batch, args, args.temperature),
+                                                               model, batch, args, "old log-prob pass")
             denominator = grpo.loss_denominator(batch["loss_mask"], args.agg, args.max_new_tokens)
             for _ in range(a.num_iterations):
                 with phase("policy"):
                     optimizer.zero_grad(set_to_none=True)
-                    stats = grpo.accumulate_gradients(model, batch, args, args.temperature, denominator)
+                    if a.inject_oom == step + 1:
+                        injection["at"] = len(grpo.micro_batch_plan(grpo.sequence_lengths(batch), args.micro_batch,
+                                                                     args.micro_batch_tokens))
+                    stats = grpo.with_memory_retry(
+                        lambda: grpo.accumulate_gradients(model, batch, args, args.temperature, denominator),
+                        model, batch, args, "policy forward/backward")
                 with phase("optimizer"):
                     grad_norm = torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
                     optimizer.step()
@@ -378,8 +465,10 @@ def step_main(a):
                       "step_seconds": round(total, 3), "generated_tokens": generated,
                       "prompt_tokens": int(rollout["prompt_ids"].shape[1]),
                       "completion_tokens": int(rollout["completion_ids"].shape[1]),
-                      "generated_tokens_per_s": round(generated / max(seconds["generation"], 1e-9), 1),
-                      "loss": stats.get("loss"), "kl": stats.get("kl"), "grad_norm": float(grad_norm)}
+                      "generated_tokens_per_s": round(generated / max(seconds["generation"], 1e-9), 1) if "generation" in used else 0.0,
+                      "loss": stats.get("loss"), "kl": stats.get("kl"), "grad_norm": float(grad_norm),
+                      "micro_batch": args.micro_batch, "micro_batch_tokens": args.micro_batch_tokens,
+                      "padded_tokens": sum(plan_costs(grpo.sequence_lengths(batch), args.micro_batch, args.micro_batch_tokens))}
             records.append(record)
             print(json.dumps(record), flush=True)
         after = lora_snapshot(model)
@@ -431,6 +520,17 @@ def parse_args(argv=None):
     g.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default")
     g.add_argument("--only", choices=("naive", "fused"), default=None, help=argparse.SUPPRESS)  # child process
     g.add_argument("--save", default=None, help=argparse.SUPPRESS)
+    p = sub.add_parser("plan", help="padded tokens per step: fixed micro-batches vs a token budget (no model)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--gsm8k", default=os.path.join(HERE, "..", "shared", "data", "gsm8k", "train.jsonl"))
+    p.add_argument("--tokenizer", default=None, help="default: ../shared/qwen2.5-tokenizer")
+    p.add_argument("--prompts", type=int, default=16, help="B: prompts per step")
+    p.add_argument("--group", type=int, default=8, help="G: completions per prompt")
+    p.add_argument("--new-tokens", type=int, default=512, help="max_new_tokens: longer completions are cut")
+    p.add_argument("--micro-batch", type=int, default=16, help="sequences per fixed micro-batch")
+    p.add_argument("--steps", type=int, default=200, help="simulated steps")
+    p.add_argument("--length-scale", type=float, default=1.0, help="completion length = reference answer length × this")
+    p.add_argument("--seed", type=int, default=0)
     s = sub.add_parser("step", help="real GRPO steps on a random-weight model: seconds and peak memory per phase",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     s.add_argument("--config", required=True, help="config.json of the architecture (the weights are random)")
@@ -444,6 +544,13 @@ def parse_args(argv=None):
     s.add_argument("--prompt-tokens", type=int, default=256, help="random tokens per prompt (about; see docstring)")
     s.add_argument("--new-tokens", type=int, default=256, help="completion length (max_new_tokens)")
     s.add_argument("--micro-batch", type=int, default=16, help="sequences per forward/backward")
+    s.add_argument("--micro-batch-tokens", type=int, default=0, help="> 0: micro-batches by this token budget (grpo.py's flag)")
+    s.add_argument("--lengths-from", default=None, help="a GSM8K jsonl: cut completions to its reference answers' token "
+                   "lengths for the training passes (generation still runs --new-tokens)")
+    s.add_argument("--random-completions", action="store_true", help="no generation: random completion tokens "
+                   "(--new-tokens each), to time the training passes alone")
+    s.add_argument("--inject-oom", type=int, default=0, help="this step's policy pass runs out of memory once, at its last "
+                   "micro-batch (grpo's recovery halves and redoes it); 0: never")
     s.add_argument("--steps", type=int, default=2)
     s.add_argument("--beta", type=float, default=0.04, help="β; 0 skips the reference pass")
     s.add_argument("--num-iterations", type=int, default=1, help="μ; > 1 adds the old log-probs pass")
@@ -465,5 +572,7 @@ if __name__ == "__main__":
     a = parse_args()
     if a.command == "gather":
         gather_main(a)
+    elif a.command == "plan":
+        plan_main(a)
     else:
         step_main(a)
