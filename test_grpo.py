@@ -392,16 +392,17 @@ def test_token_budget_micro_batches_give_the_whole_batch_gradient_and_logprobs_i
                 assert torch.allclose(grads[name], expected[name], rtol=1e-4, atol=3e-5 * scale), (agg, budget, name)
 
 
-def limit_forward_batch(model, limit, grad_only=False):
+def limit_forward_batch(model, limit, grad_only=False, spare=0):
     """A simulated memory limit inside the real forward: the first decoder layer raises CUDA's out-of-memory
     error (after it has run, as a real one would) when a training pass (not generate, which runs in eval
-    mode) gives it more than `limit` sequences (in grad mode only: grad_only). Returns a record of the sizes it saw and how often it raised, and the hook handle."""
+    mode) gives it more than `limit` sequences (in grad mode only: grad_only), after `spare` such forwards. Returns a record of the sizes it saw and how often it raised, and the hook handle."""
     record = {"sizes": [], "raised": 0}
 
     def hook(module, inputs, output):
         n = (output[0] if isinstance(output, tuple) else output).shape[0]
         record["sizes"].append(n)
-        if n > limit and module.training and (torch.is_grad_enabled() or not grad_only):  # training: not generate
+        applies = module.training and (torch.is_grad_enabled() or not grad_only)  # training passes, not generate
+        if applies and len(record["sizes"]) > spare and n > limit:
             record["raised"] += 1
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
     return record, model.get_base_model().get_decoder().layers[0].register_forward_hook(hook)
@@ -415,9 +416,11 @@ def test_out_of_memory_in_the_policy_pass_halves_and_redoes_it_from_zeroed_gradi
     args = tiny_args(tiny_model_dir, beta=0.0, micro_batch=4, micro_batch_tokens=micro_batch_tokens)
     batch = with_varied_lengths(rollout_batch(model, tokenizer, args), tokenizer.eos_token_id, [3, 12, 5, 9, 2, 7, 12, 4])
     denominator = grpo.loss_denominator(batch["loss_mask"], "seq")
-    # 4 sequences per forward fit, 8 do not: with the token budget, the first (all-8) forward fails; with
-    # --micro-batch 4 a limit of 3 makes the first micro-batch's gradient land before the second fails.
-    record, handle = limit_forward_batch(model, 7 if micro_batch_tokens else 3, grad_only=True)
+    # With the token budget, the first (all-8) forward fails. With --micro-batch 4, the limit of 3 applies after
+    # the first micro-batch's forward: its gradient has landed when the second fails, and must not count twice
+    # (checked: without the zero_grad in with_memory_retry this test fails).
+    record, handle = limit_forward_batch(model, 7 if micro_batch_tokens else 3, grad_only=True,
+                                         spare=0 if micro_batch_tokens else 1)
     try:
         model.zero_grad(set_to_none=True)
         stats = grpo.with_memory_retry(lambda: grpo.accumulate_gradients(model, batch, args, 1.0, denominator), model,
@@ -429,7 +432,7 @@ def test_out_of_memory_in_the_policy_pass_halves_and_redoes_it_from_zeroed_gradi
     if micro_batch_tokens:  # halved until the 8 sequences no longer fit in one micro-batch, and no further
         assert args.micro_batch == 4 and args.micro_batch_tokens < 8 * max(grpo.sequence_lengths(batch)) <= 2 * args.micro_batch_tokens
     else:
-        assert (args.micro_batch, args.micro_batch_tokens, record["sizes"][:2]) == (2, 0, [4, 4])
+        assert (args.micro_batch, args.micro_batch_tokens, record["sizes"][:3]) == (2, 0, [4, 4, 2])
     assert "out of memory in the policy forward/backward: halved to --micro-batch" in capsys.readouterr().out
     # The same pass run at the smaller size from the start: bit-identical (nothing of the failed try remains).
     model.zero_grad(set_to_none=True)
