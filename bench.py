@@ -1,5 +1,5 @@
 """
-bench.py -- measurements behind the README's Performance section. Two subcommands:
+bench.py -- measurements behind the README's Performance section. Four subcommands:
 
   python bench.py gather [--tokens 4096 --hidden 128 --vocab 151936 --dtype float32]
       The log-prob gather alone, forward + backward (hidden gets a gradient, the lm_head weight does
@@ -28,6 +28,25 @@ bench.py -- measurements behind the README's Performance section. Two subcommand
       Full size (one 80 GB GPU):  python bench.py step --config ../shared/qwen2.5-14b/config.json
                                       --tokenizer ../shared/qwen2.5-tokenizer
       Tiny, on a CPU:             write a small Qwen2 config.json (see TINY_CONFIG in test_grpo.py) and pass it.
+
+  python bench.py plan [--gsm8k ../shared/data/gsm8k/train.jsonl --prompts 16 --group 8 --new-tokens 512
+                       --micro-batch 16 --steps 200 --length-scale 1]
+      A pure computation, no model: padded prompt + completion tokens that the log-prob/policy passes
+      process per step with fixed micro-batches of --micro-batch sequences vs grpo's --micro-batch-tokens
+      set to the same peak (the largest micro-batch the fixed plan formed over the simulated steps).
+      Prompts are GSM8K questions through grpo.build_prompt (chat template, Qwen2.5 tokenizer; a step's
+      prompts are left-padded to its longest); completion lengths are drawn from the token lengths of
+      GSM8K's reference answers (calculator annotations <<...>> removed) × --length-scale, capped at
+      --new-tokens.
+
+  python bench.py suite [--config ../shared/qwen2.5-14b/config.json --budget-s 480 --out runs/suite
+                        --slice-layers 8 --only NAMES]
+      The whole GPU measurement as one budgeted command (README "Full size on a GPU"): the gather at the
+      config's shape, our step and TRL's (../shared/bench/trl_anchor.py) side by side on a slice of the
+      config with fewer layers, our step at full size, 2,048 new tokens with and without
+      --offload-activations on one rollout, and the 4-bit sampler at full size. Each measurement is its
+      own process, killed when the budget is spent; suite.json, suite.md and suite.log under --out are
+      rewritten as every record arrives, so a cut-off run keeps what it measured.
 
 Memory. CUDA: torch.cuda.max_memory_allocated, reset at the start of each measurement. CPU: the
 process's peak resident set size (resource.getrusage ru_maxrss). ru_maxrss is a lifetime peak, so
@@ -304,6 +323,49 @@ PHASE_TITLES = {"generation": "generation (grpo.generate)", "reference": "refere
                 "old": "old log-probs (μ > 1)", "policy": "policy forward+backward", "optimizer": "optimizer (clip+AdamW)"}
 
 
+def gsm8k_lengths(path, tokenizer, scale):
+    """Token lengths of GSM8K questions (as grpo prompts) and of its reference answers (without the <<...>>
+    calculator annotations, which models do not write), answers × scale."""
+    import re
+    items = [json.loads(line) for line in open(path)]
+    prompts = [len(tokenizer(grpo.build_prompt({"prompt": x["question"], "answer": "0"}, tokenizer),
+                             add_special_tokens=False)["input_ids"]) for x in items]
+    answers = [max(1, round(scale * len(tokenizer(re.sub(r"<<[^>]*>>", "", x["answer"]), add_special_tokens=False)["input_ids"])))
+               for x in items]
+    return prompts, answers
+
+
+def plan_costs(lengths, micro_batch, micro_batch_tokens=0) -> list[int]:
+    """Padded tokens of each micro-batch grpo forms: its size × its longest (sequence_logprobs trims the rest)."""
+    return [len(rows) * max(lengths[i] for i in rows) for rows in grpo.micro_batch_plan(lengths, micro_batch, micro_batch_tokens)]
+
+
+def plan_main(a):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(a.tokenizer or DEFAULT_TOKENIZER)
+    prompt_lengths, answer_lengths = gsm8k_lengths(a.gsm8k, tokenizer, a.length_scale)
+    rng = random.Random(a.seed)
+    steps, widths = [], []
+    for _ in range(a.steps):
+        prompt_width = max(rng.sample(prompt_lengths, a.prompts))  # left-padded to the step's longest prompt
+        widths.append(prompt_width)
+        completions = [min(a.new_tokens, rng.choice(answer_lengths)) for _ in range(a.prompts * a.group)]
+        steps.append([prompt_width + c for c in completions])  # what grpo.sequence_lengths returns
+    fixed = [plan_costs(lengths, a.micro_batch) for lengths in steps]
+    budget = max(max(c) for c in fixed)  # the fixed plan's peak micro-batch, over all simulated steps
+    budgeted = [plan_costs(lengths, a.micro_batch, budget) for lengths in steps]
+    real = statistics.mean(sum(lengths) for lengths in steps)
+    print(f"GSM8K-like lengths ({a.gsm8k}, answers × {a.length_scale}), {a.steps} steps of {a.prompts} prompts × "
+          f"G={a.group}: padded prompt width mean {statistics.mean(widths):.0f}; completion mean "
+          f"{statistics.mean(answer_lengths):.0f}, max {max(answer_lengths)} (cut at {a.new_tokens})")
+    print(f"{'plan':<30} | padded tokens/step | completion padding | forwards/step | peak micro-batch tokens")
+    for name, costs in ((f"--micro-batch {a.micro_batch}", fixed), (f"--micro-batch-tokens {budget}", budgeted)):
+        padded = statistics.mean(sum(c) for c in costs)
+        print(f"{name:<30} | {padded:>18,.0f} | {1 - real / padded:>18.1%} | {statistics.mean(len(c) for c in costs):>13.1f} "
+              f"| {max(max(c) for c in costs):>23,}")
+    print(f"{'(prompt + real completion)':<30} | {real:>18,.0f} |")
+
+
 # Settings a --variants entry may change; the rest come from the command line.
 VARIANT_KEYS = ("name", "generation_model", "offload_activations", "prompts", "group", "new_tokens", "micro_batch",
                 "steps", "warmup_new_tokens", "reuse_rollout", "generation_chunk")
@@ -311,28 +373,57 @@ VARIANT_KEYS = ("name", "generation_model", "offload_activations", "prompts", "g
 
 def step_args(a, model_dir, device, variant, new_tokens):
     return grpo.Args(model=model_dir, device=device.type, prompts_per_step=variant["prompts"], group_size=variant["group"],
-                     max_new_tokens=new_tokens, micro_batch=variant["micro_batch"], beta=a.beta,
+                     max_new_tokens=new_tokens, micro_batch=variant["micro_batch"],
+                     micro_batch_tokens=a.micro_batch_tokens, beta=a.beta,
                      num_iterations=a.num_iterations, lora_rank=a.lora_r, lora_alpha=2 * a.lora_r, lr=a.lr,
                      steps=max(1, variant["steps"]), seed=a.seed, generation_chunk=variant["generation_chunk"],
                      logprob_memory_mb=a.logprob_memory_mb, gradient_checkpointing=a.gradient_checkpointing,
                      offload_activations=variant["offload_activations"], generation_model=variant["generation_model"])
 
 
-def bench_step(model, sampler, tokenizer, prompts, args, eos_ids, optimizer, rng, device, allow_eos, batch=None):
+# --inject-oom N: the policy pass of the N-th measured step runs out of memory once, after the forward of its
+# LAST micro-batch (the worst case: every other micro-batch is redone), as a CUDA OOM would be raised.
+INJECTION = {"at": 0, "calls": 0}
+
+
+def sequence_logprobs_running_out(*positional, real=grpo.sequence_logprobs, **keywords):
+    logprobs = real(*positional, **keywords)
+    if INJECTION["at"] and torch.is_grad_enabled():
+        INJECTION["calls"] += 1
+        if INJECTION["calls"] == INJECTION["at"]:
+            INJECTION["at"] = 0
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated by bench.py --inject-oom)")
+    return logprobs
+
+
+def bench_step(model, sampler, tokenizer, prompts, args, eos_ids, optimizer, rng, device, a, batch=None, inject_oom=False,
+               completion_lengths=None):
     """One GRPO step through grpo.py's functions, timed per phase. With `batch` (a previous step's rollout)
-    generation is skipped and that batch is trained on again (to compare training settings on one rollout)."""
+    generation is skipped and that batch is trained on again (to compare training settings on one rollout).
+    a.random_completions skips generation (random tokens); completion_lengths cuts completions (an EOS where
+    each one ends) to lengths drawn from that list; inject_oom makes the policy pass run out of memory once."""
     seconds, peaks, used = {k: 0.0 for k in PHASES}, {k: 0 for k in PHASES}, set()
     phase = functools.partial(measure_phase, device, seconds, peaks, used)
     parameters = [p for p in model.parameters() if p.requires_grad]
     step_start = time.perf_counter()
     chunk = None
     if batch is None:
-        if not allow_eos:  # the worst case, and a fixed workload: every completion runs to max_new_tokens
-            for config in {id(c): c for c in (sampler.generation_config, model.get_base_model().generation_config)}.values():
-                config.min_new_tokens = args.max_new_tokens
-        with phase("generation"):
-            rollout = grpo.generate(sampler, tokenizer, prompts, args, eos_ids, args.temperature)
-        chunk = rollout.get("generation_chunk")
+        if a.random_completions:  # the training passes cost the same whatever the tokens: skip decoding
+            encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+            completion_ids = torch.randint(1000, 100000, (len(prompts), args.max_new_tokens))
+            rollout = {"prompt_ids": encoded["input_ids"], "prompt_mask": encoded["attention_mask"],
+                       "completion_ids": completion_ids, "completion_mask": torch.ones(completion_ids.shape)}
+        else:
+            if not a.allow_eos:  # the worst case, and a fixed workload: every completion runs to max_new_tokens
+                for config in {id(c): c for c in (sampler.generation_config, model.get_base_model().generation_config)}.values():
+                    config.min_new_tokens = args.max_new_tokens
+            with phase("generation"):
+                rollout = grpo.generate(sampler, tokenizer, prompts, args, eos_ids, args.temperature)
+            chunk = rollout.get("generation_chunk")
+        if completion_lengths:  # GSM8K-like lengths for the training passes: an EOS where each one ends
+            for i in range(len(prompts)):
+                rollout["completion_ids"][i, min(args.max_new_tokens, rng.choice(completion_lengths)) - 1] = eos_ids[0]
+            rollout["completion_mask"], _ = grpo.completion_mask_from_ids(rollout["completion_ids"], eos_ids)
         rewards = torch.tensor([rng.random() for _ in prompts])  # random: non-zero advantages
         advantages = grpo.group_advantages(rewards, args.group_size, scale=args.scale_advantages)
         batch = {"prompt_ids": rollout["prompt_ids"], "prompt_mask": rollout["prompt_mask"],
@@ -342,15 +433,24 @@ def bench_step(model, sampler, tokenizer, prompts, args, eos_ids, optimizer, rng
     batch = {k: v for k, v in batch.items() if k not in ("ref_logp", "old_logp")}
     if args.beta != 0:
         with phase("reference"):
-            batch["ref_logp"] = grpo.batch_logprobs(model, batch, args, args.temperature, reference=True)
+            batch["ref_logp"] = grpo.with_memory_retry(
+                lambda: grpo.batch_logprobs(model, batch, args, args.temperature, reference=True),
+                model, batch, args, "reference pass")
     if args.num_iterations > 1:
         with phase("old"):
-            batch["old_logp"] = grpo.batch_logprobs(model, batch, args, args.temperature)
+            batch["old_logp"] = grpo.with_memory_retry(lambda: grpo.batch_logprobs(model, batch, args, args.temperature),
+                                                       model, batch, args, "old log-prob pass")
     denominator = grpo.loss_denominator(batch["loss_mask"], args.agg, args.max_new_tokens)
     for _ in range(args.num_iterations):
         with phase("policy"):
             optimizer.zero_grad(set_to_none=True)
-            stats = grpo.accumulate_gradients(model, batch, args, args.temperature, denominator)
+            if inject_oom:
+                INJECTION["calls"], INJECTION["at"] = 0, len(grpo.micro_batch_plan(grpo.sequence_lengths(batch), args.micro_batch,
+                                                             args.micro_batch_tokens))
+                inject_oom = False
+            stats = grpo.with_memory_retry(
+                lambda: grpo.accumulate_gradients(model, batch, args, args.temperature, denominator),
+                model, batch, args, "policy forward/backward")
         with phase("optimizer"):
             grad_norm = torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
             optimizer.step()
@@ -364,7 +464,9 @@ def bench_step(model, sampler, tokenizer, prompts, args, eos_ids, optimizer, rng
               "generated_tokens": generated, "prompt_tokens": int(batch["prompt_ids"].shape[1]),
               "completion_tokens": int(batch["completion_ids"].shape[1]), "generation_chunk": chunk,
               "generated_tokens_per_s": round(generated / seconds["generation"], 1) if "generation" in used else None,
-              "loss": stats.get("loss"), "kl": stats.get("kl"), "grad_norm": float(grad_norm)}
+              "loss": stats.get("loss"), "kl": stats.get("kl"), "grad_norm": float(grad_norm),
+              "micro_batch": args.micro_batch, "micro_batch_tokens": args.micro_batch_tokens,
+              "padded_tokens": sum(plan_costs(grpo.sequence_lengths(batch), args.micro_batch, args.micro_batch_tokens))}
     return record, batch
 
 
@@ -413,7 +515,9 @@ def step_main(a):
         eos_ids = grpo.end_of_sequence_ids(model, tokenizer)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr, weight_decay=0.0)
         before = lora_snapshot(model)
-        records, batch = [], None
+        records, batch, measured = [], None, 0
+        completion_lengths = gsm8k_lengths(a.lengths_from, tokenizer, 1.0)[1] if a.lengths_from else None
+        grpo.sequence_logprobs = sequence_logprobs_running_out  # accumulate_gradients looks it up at call time
         for index, v in enumerate(variants):
             sampler = grpo.build_generation_model(model) if v["generation_model"] == "merged" else model
             prompts, rng = random_prompts(tokenizer, v["prompts"], a.prompt_tokens, a.seed)
@@ -429,11 +533,13 @@ def step_main(a):
             for number, (kind, new_tokens) in enumerate(schedule, 1):
                 args = step_args(a, model_dir, device, v, new_tokens)
                 reuse = batch if (v["reuse_rollout"] and batch is not None) else None
+                measured += kind == "measured"
                 record, batch = bench_step(model, sampler, tokenizer, group_prompts, args, eos_ids, optimizer, rng,
-                                           device, a.allow_eos, reuse)
+                                           device, a, reuse, inject_oom=kind == "measured" and measured == a.inject_oom,
+                                           completion_lengths=completion_lengths)
                 record = {"step": number, "variant": name, "warmup": kind == "warmup", "layers": layers,
                           "sampler": v["generation_model"], "offload": v["offload_activations"],
-                          "sequences": len(group_prompts), "new_tokens": new_tokens, "micro_batch": v["micro_batch"],
+                          "sequences": len(group_prompts), "new_tokens": new_tokens,
                           "reused_rollout": reuse is not None, "device": device.type,
                           "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                           "gather": "naive" if a.naive_gather else "fused",
@@ -507,7 +613,8 @@ def suite_plan(a, device):
                        "--variants", json.dumps(variants)])
 
     def trl(name, layers, sizes, steps):
-        if not os.path.exists(os.path.join(model_dir(layers), "config.json")) and f"build-{layers}" not in dict(plan):
+        runs = device.type == "cuda" and os.path.exists(a.trl_anchor)  # else the TRL run is skipped: build nothing
+        if runs and not os.path.exists(os.path.join(model_dir(layers), "config.json")) and f"build-{layers}" not in dict(plan):
             plan.append(ours(f"build-{layers}", layers, [{"name": "build only", "steps": 0}]))  # TRL loads the model ours saved
         return (name, [sys.executable, a.trl_anchor, "--config", a.config, "--tokenizer", a.tokenizer, "--model-dir",
                        model_dir(layers), "--prompts", str(sizes["prompts"]), "--group", str(sizes["group"]),
@@ -674,6 +781,17 @@ def parse_args(argv=None):
                    "of lm_head (what it did before it learnt to multiply 16-bit weights without one)")
     g.add_argument("--only", choices=("naive", "fused", "fused-copy"), default=None, help=argparse.SUPPRESS)  # child
     g.add_argument("--save", default=None, help=argparse.SUPPRESS)
+    p = sub.add_parser("plan", help="padded tokens per step: fixed micro-batches vs a token budget (no model)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--gsm8k", default=os.path.join(HERE, "..", "shared", "data", "gsm8k", "train.jsonl"))
+    p.add_argument("--tokenizer", default=None, help="default: ../shared/qwen2.5-tokenizer")
+    p.add_argument("--prompts", type=int, default=16, help="B: prompts per step")
+    p.add_argument("--group", type=int, default=8, help="G: completions per prompt")
+    p.add_argument("--new-tokens", type=int, default=512, help="max_new_tokens: longer completions are cut")
+    p.add_argument("--micro-batch", type=int, default=16, help="sequences per fixed micro-batch")
+    p.add_argument("--steps", type=int, default=200, help="simulated steps")
+    p.add_argument("--length-scale", type=float, default=1.0, help="completion length = reference answer length × this")
+    p.add_argument("--seed", type=int, default=0)
     s = sub.add_parser("step", help="real GRPO steps on a random-weight model: seconds and peak memory per phase",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     s.add_argument("--config", required=True, help="config.json of the architecture (the weights are random)")
@@ -687,6 +805,13 @@ def parse_args(argv=None):
     s.add_argument("--prompt-tokens", type=int, default=256, help="random tokens per prompt (about; see docstring)")
     s.add_argument("--new-tokens", type=int, default=256, help="completion length (max_new_tokens)")
     s.add_argument("--micro-batch", type=int, default=16, help="sequences per forward/backward")
+    s.add_argument("--micro-batch-tokens", type=int, default=0, help="> 0: micro-batches by this token budget (grpo.py's flag)")
+    s.add_argument("--lengths-from", default=None, help="a GSM8K jsonl: cut completions to its reference answers' token "
+                   "lengths for the training passes (generation still runs --new-tokens)")
+    s.add_argument("--random-completions", action="store_true", help="no generation: random completion tokens "
+                   "(--new-tokens each), to time the training passes alone")
+    s.add_argument("--inject-oom", type=int, default=0, help="this step's policy pass runs out of memory once, at its last "
+                   "micro-batch (grpo's recovery halves and redoes it); 0: never")
     s.add_argument("--steps", type=int, default=2)
     s.add_argument("--beta", type=float, default=0.04, help="β; 0 skips the reference pass")
     s.add_argument("--num-iterations", type=int, default=1, help="μ; > 1 adds the old log-probs pass")
@@ -739,4 +864,4 @@ def parse_args(argv=None):
 
 if __name__ == "__main__":
     a = parse_args()
-    {"gather": gather_main, "step": step_main, "suite": suite_main}[a.command](a)
+    {"gather": gather_main, "plan": plan_main, "step": step_main, "suite": suite_main}[a.command](a)

@@ -128,7 +128,11 @@ class Args:
     warmup_steps: int = arg(10, "linear warmup steps")
     weight_decay: float = arg(0.0, "AdamW weight decay")
     max_grad_norm: float = arg(1.0, "clip the adapters' gradient to this global norm; 0: off")
-    micro_batch: int = arg(16, "sequences per forward/backward; gradients accumulate to the full batch")
+    micro_batch: int = arg(16, "sequences per forward/backward; gradients accumulate to the full batch "
+                           "(halved automatically on CUDA out-of-memory)")
+    micro_batch_tokens: int = arg(0, "> 0: micro-batches by a token budget instead: sequences sorted by length, each "
+                                  "micro-batch at most this many padded prompt + completion tokens (a longer sequence "
+                                  "goes alone); halved automatically on CUDA out-of-memory. CPU: no recovery (see README)")
     offload_activations: bool = arg(False, "keep the tensors saved for backward in (pinned) CPU memory during the policy forward")
     logprob_memory_mb: int = arg(256, "memory budget of one chunk of the fused log-prob gather (sets its row count)")
     max_bad_steps: int = arg(3, "stop after this many non-finite losses/gradients in a row")
@@ -173,6 +177,8 @@ def check_args(args: Args, world_size: int = 1):
     for name in ("prompts_per_step", "micro_batch", "max_new_tokens", "steps", "num_iterations"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
+    if args.micro_batch_tokens < 0:
+        fail(f"--micro-batch-tokens must be 0 (off) or positive (got {args.micro_batch_tokens})")
     if args.prompts_per_step % world_size:
         fail(f"--prompts-per-step {args.prompts_per_step} does not split into whole groups over {world_size} ranks")
     choices = {"agg": ("seq", "token", "dr_grpo"), "overlong": ("keep", "mask", "penalty"),
@@ -713,23 +719,53 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_low=0.2, clip_hig
 # Update: accumulate the micro-batch gradients of one batch, then one AdamW step. Plumbing + trap notes.
 
 
-def micro_batches(batch, size):
+def sequence_lengths(batch) -> list[int]:
+    """Tokens each sequence costs in a forward: the batch's (left-padded) prompt width P plus its completion up
+    to its last masked token. A micro-batch costs (its size) × (its longest), as sequence_logprobs cuts the
+    all-pad columns after the micro-batch's longest completion."""
+    mask = batch["completion_mask"]  # [N, T]
+    positions = torch.arange(1, mask.shape[1] + 1, device=mask.device)  # [T]
+    completion = (positions * (mask != 0)).amax(dim=1) if mask.shape[1] else torch.zeros(mask.shape[0])  # [N]
+    return (completion + batch["prompt_ids"].shape[1]).tolist()
+
+
+def micro_batch_plan(lengths, max_sequences, max_tokens=0) -> list[list[int]]:
+    """Which sequences go in each micro-batch (indices into the batch). max_tokens = 0: consecutive runs of
+    max_sequences, in batch order. max_tokens > 0: sorted longest first, each micro-batch filled while
+    (its size) × (its longest) ≤ max_tokens; a sequence longer than max_tokens goes alone. Longest first
+    also puts the step's biggest micro-batch first, so an out-of-memory comes before any other work."""
+    if max_tokens <= 0:
+        return [list(range(start, min(start + max_sequences, len(lengths))))
+                for start in range(0, len(lengths), max_sequences)]
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))  # stable: ties keep batch order
+    plan = []
+    for i in order:
+        # Sorted descending, a micro-batch's first sequence is its longest: adding i costs (size + 1) × that.
+        if plan and (len(plan[-1]) + 1) * lengths[plan[-1][0]] <= max_tokens:
+            plan[-1].append(i)
+        else:
+            plan.append([i])
+    return plan
+
+
+def micro_batches(batch, size, plan=None):
+    """The micro-batches of batch: consecutive runs of size sequences, or the index lists of plan."""
     n = batch["completion_ids"].shape[0]
-    for start in range(0, n, size):
-        yield {k: v[start : start + size] for k, v in batch.items()}
+    for rows in plan or micro_batch_plan([0] * n, size):
+        index = torch.tensor(rows, device=batch["completion_ids"].device)
+        yield {k: v[index] for k, v in batch.items()}
 
 
 @torch.no_grad()
 def batch_logprobs(model, batch, args: Args, temperature, reference=False):
     """Log-probs [N, T] of a whole batch without gradient: π_old (μ > 1) or, with adapters off, π_ref."""
-    results = []
-    for micro in micro_batches(batch, args.micro_batch):
-        if reference:
-            with model.disable_adapter():  # the frozen base: the same 4-bit weights, LoRA switched off
-                results.append(sequence_logprobs(model, micro, temperature, args.logprob_memory_mb))
-        else:
-            results.append(sequence_logprobs(model, micro, temperature, args.logprob_memory_mb))
-    return torch.cat(results)
+    plan = micro_batch_plan(sequence_lengths(batch), args.micro_batch, args.micro_batch_tokens)
+    logprobs = torch.zeros(batch["completion_ids"].shape, dtype=torch.float32, device=batch["completion_ids"].device)
+    for rows, micro in zip(plan, micro_batches(batch, args.micro_batch, plan)):
+        with model.disable_adapter() if reference else contextlib.nullcontext():  # π_ref: the 4-bit base, LoRA off
+            logprobs[torch.tensor(rows, device=logprobs.device)] = sequence_logprobs(model, micro, temperature,
+                                                                                     args.logprob_memory_mb)
+    return logprobs  # [N, T], rows back in batch order whatever order the plan ran them in
 
 
 def accumulate_gradients(model, batch, args: Args, temperature, denominator):
@@ -742,7 +778,8 @@ def accumulate_gradients(model, batch, args: Args, temperature, denominator):
     # With the merged sampler nothing else switches the policy back (measured at 14B on an H200: 108 GiB
     # peak for 16 x 296 tokens without this line), so say it here, where gradients are made.
     model.train()
-    for micro in micro_batches(batch, args.micro_batch):
+    plan = micro_batch_plan(sequence_lengths(batch), args.micro_batch, args.micro_batch_tokens)
+    for micro in micro_batches(batch, args.micro_batch, plan):
         # --offload-activations: every tensor autograd saves (the checkpointed block inputs, the gather's
         # hidden states) waits in CPU memory until backward: PyTorch's save_on_cpu, at a copy's cost.
         offload = (torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda") if args.offload_activations
@@ -762,13 +799,54 @@ def accumulate_gradients(model, batch, args: Args, temperature, denominator):
     return {k: (v / denominator if k == "loss" else v if k == "tokens" else v / tokens) for k, v in totals.items()}
 
 
-def update_adapters(model, batch, optimizer, scheduler, args: Args, temperature, denominator):
+def smaller_micro_batches(lengths, args: Args) -> bool:
+    """Halve --micro-batch (or --micro-batch-tokens) in place, again until the plan for these lengths
+    changes (halving 16 to 8 changes nothing for a batch of 8). False when every micro-batch already
+    holds one sequence: there is nothing left to split."""
+    name = "micro_batch_tokens" if args.micro_batch_tokens > 0 else "micro_batch"
+    plan = micro_batch_plan(lengths, args.micro_batch, args.micro_batch_tokens)
+    if all(len(rows) == 1 for rows in plan):
+        return False
+    while micro_batch_plan(lengths, args.micro_batch, args.micro_batch_tokens) == plan:
+        setattr(args, name, getattr(args, name) // 2)  # ends at 1 at worst, where every micro-batch is one sequence
+    return True
+
+
+def with_memory_retry(run, model, batch, args: Args, phase, log=print, save=None):
+    """run() is one pass over batch's micro-batches (reference/old log-probs, or the policy forward/backward).
+    On CUDA out-of-memory: halve the micro-batches (smaller_micro_batches; args keeps the smaller size for the
+    rest of the run) and redo the whole pass from zeroed gradients: the accumulation is exact however the batch
+    is split, so only float rounding changes. When one sequence alone does not fit: save (a callable that
+    writes a checkpoint) and stop. CPU allocators raise no torch.OutOfMemoryError: nothing is caught there."""
+    while True:
+        try:
+            return run()
+        except torch.OutOfMemoryError:
+            pass  # recover outside the except block: its traceback keeps the failed micro-batch's tensors alive
+        model.zero_grad(set_to_none=True)  # the micro-batches that did finish are redone: drop their gradients
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # hand the freed blocks back, so the smaller micro-batches are not fragmented
+        lengths = sequence_lengths(batch)
+        if not smaller_micro_batches(lengths, args):
+            if save is not None:
+                save()
+            fail(f"out of memory in the {phase} with one sequence per micro-batch (the longest: {max(lengths)} tokens, "
+                 f"{batch['prompt_ids'].shape[1]} of them padded prompt): lower --max-new-tokens or the prompt "
+                 f"length (or use --offload-activations)")
+        setting = (f"--micro-batch-tokens {args.micro_batch_tokens}" if args.micro_batch_tokens > 0
+                   else f"--micro-batch {args.micro_batch}")
+        log(f"out of memory in the {phase}: halved to {setting} for the rest of the run and redoing the pass "
+            f"(start with {setting} to skip this)")
+
+
+def update_adapters(model, batch, optimizer, scheduler, args: Args, temperature, denominator, retry=None):
     """One optimizer step on the whole batch: accumulate the gradients, sum them over ranks, clip, AdamW.
     A non-finite loss or gradient skips the update: one bad batch must not poison the adapters (and
-    Adam's moments). Returns (stats, grad_norm, finite)."""
+    Adam's moments). retry: with_memory_retry's log/save. Returns (stats, grad_norm, finite)."""
     parameters = [p for group in optimizer.param_groups for p in group["params"]]  # the LoRA adapters
     optimizer.zero_grad(set_to_none=True)
-    stats = accumulate_gradients(model, batch, args, temperature, denominator)
+    stats = with_memory_retry(lambda: accumulate_gradients(model, batch, args, temperature, denominator), model, batch,
+                              args, "policy forward/backward", **(retry or {}))
     all_reduce_gradients(parameters)
     grad_norm = torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm if args.max_grad_norm > 0 else float("inf"))
     # grad_norm is global after the all-reduce; the losses are gathered: every rank decides alike.
@@ -851,10 +929,11 @@ def all_reduce_gradients(parameters):
 
 
 def grpo_step(step, train_items, model, sampler, tokenizer, optimizer, scheduler, args: Args, eos_ids, pool,
-              bad_steps=0, rank=0, world_size=1, log=print) -> dict:
+              bad_steps=0, rank=0, world_size=1, log=print, save=None) -> dict:
     """Sample B·G completions, score them, and make μ optimizer steps on them. sampler is the model
     that samples (model itself, or its dense copy with --generation-model merged); bad_steps counts the
-    skipped updates in a row so far. Returns what the loop logs (step_metrics reads it)."""
+    skipped updates in a row so far; save() writes a checkpoint before an out-of-memory stop. Returns
+    what the loop logs (step_metrics reads it)."""
     device = model.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -883,18 +962,21 @@ def grpo_step(step, train_items, model, sampler, tokenizer, optimizer, scheduler
     batch = {k: v.to(device) for k, v in batch.items()}
 
     # 5. Reference (adapters off) and, for μ > 1, old log-probs: computed once, before any update.
-    reference_start = time.time()
+    # Out of memory in any pass over the micro-batches: halve them and redo the pass (with_memory_retry).
+    reference_start, retry = time.time(), dict(log=log, save=save)
     if args.beta != 0:
-        batch["ref_logp"] = batch_logprobs(model, batch, args, temperature, reference=True)
+        batch["ref_logp"] = with_memory_retry(lambda: batch_logprobs(model, batch, args, temperature, reference=True),
+                                              model, batch, args, "reference pass", **retry)
     if args.num_iterations > 1:
-        batch["old_logp"] = batch_logprobs(model, batch, args, temperature)
+        batch["old_logp"] = with_memory_retry(lambda: batch_logprobs(model, batch, args, temperature),
+                                              model, batch, args, "old log-prob pass", **retry)
     reference_seconds = time.time() - reference_start
 
     # 6. μ optimizer steps on this batch. The denominator is global: summed over ranks.
     train_start = time.time()
     denominator = sum(all_gather(loss_denominator(batch["loss_mask"], args.agg, args.max_new_tokens)))
     for _ in range(args.num_iterations):
-        stats, grad_norm, finite = update_adapters(model, batch, optimizer, scheduler, args, temperature, denominator)
+        stats, grad_norm, finite = update_adapters(model, batch, optimizer, scheduler, args, temperature, denominator, retry)
         bad_steps = 0 if finite else bad_steps + 1
         if not finite:
             log(f"step {step + 1}: non-finite loss or gradient, update skipped ({bad_steps} in a row)")
@@ -985,7 +1067,8 @@ def step_metrics(result, args: Args, world_size=1) -> dict:
             "time/generate_s": seconds["generate"], "time/reference_s": seconds["reference"],
             "time/train_s": seconds["train"], "time/step_s": seconds["step"],
             "throughput/generated_tokens_per_s": float(every["lengths"].sum()) / max(seconds["generate"], 1e-9) / world_size,
-            "memory/peak_gib": max(g["peak_memory_gib"] for g in gathered)}
+            "memory/peak_gib": max(g["peak_memory_gib"] for g in gathered),
+            "batch/micro_batch": args.micro_batch, "batch/micro_batch_tokens": args.micro_batch_tokens}
 
 
 def format_step_line(m, steps) -> str:
@@ -1025,8 +1108,10 @@ def announce_run(args: Args, run_dir, world_size, num_items, is_main, log=print)
     local_prompts = args.prompts_per_step // world_size
     sequences = args.prompts_per_step * args.group_size
     log(f"batch: {args.prompts_per_step} prompts × G={args.group_size} = {sequences} sequences per step "
-        f"({local_prompts * args.group_size} per rank × {world_size} ranks), micro-batch {args.micro_batch} "
-        f"-> {math.ceil(local_prompts * args.group_size / args.micro_batch)} forward/backward per rank, "
+        f"({local_prompts * args.group_size} per rank × {world_size} ranks), "
+        + (f"micro-batches of at most {args.micro_batch_tokens} padded tokens (sorted by length), " if args.micro_batch_tokens
+           else f"micro-batch {args.micro_batch} -> {math.ceil(local_prompts * args.group_size / args.micro_batch)} "
+                f"forward/backward per rank, ") +
         f"μ={args.num_iterations}, {args.steps} steps = {args.steps * args.num_iterations} optimizer steps, "
         f"{num_items} training items ({args.steps * args.prompts_per_step / num_items:.2f} epochs)")
     if is_main:
@@ -1193,6 +1278,7 @@ def main(args: Args):
         return plot_metrics(args.plot)
     check_args(args, world_size=int(os.environ.get("WORLD_SIZE", 1)))
     rank, world_size, device = init_distributed(args)
+    args = dataclasses.replace(args)  # a private copy: out-of-memory recovery lowers its micro-batch sizes in place
     is_main = rank == 0
     log = print if is_main else (lambda *a, **k: None)
     seed_everything(args.seed)  # the same on every rank, so the LoRA initialisation is identical
@@ -1234,12 +1320,19 @@ def main(args: Args):
         history.append(result)
         if is_main:
             append_jsonl(os.path.join(run_dir, "metrics.jsonl"), [result])
+
+    def save_before_stopping(completed_steps):
+        """Out of memory with one sequence per micro-batch: keep what the run has done. One process only: the
+        other ranks of a torchrun job wait in a collective and cannot join a save (periodic saves remain)."""
+        if world_size == 1 and completed_steps > 0:
+            log(f"saved {save_checkpoint(run_dir, completed_steps, model, optimizer, scheduler, args, args.keep_last, [rng_state()])}")
     try:
         if eval_items and start_step == 0:  # the base model's score: the "before" of the run
             run_evaluation(0)
         for step in range(start_step, args.steps):
             result = grpo_step(step, train_items, model, sampler, tokenizer, optimizer, scheduler, args, eos_ids,
-                               pool, bad_steps, rank, world_size, log)
+                               pool, bad_steps, rank, world_size, log,
+                               save=lambda: save_before_stopping(step))
             bad_steps = result["bad_steps"]
             if bad_steps >= args.max_bad_steps:
                 fail(f"{bad_steps} non-finite steps in a row: stopping. The last good checkpoint is in "

@@ -355,6 +355,128 @@ def test_micro_batches_give_the_same_gradient_as_the_whole_batch(tiny_model_dir,
             assert torch.allclose(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-7), (agg, name)
 
 
+def slow_plan_tokens(plan, lengths):
+    """Padded tokens a plan processes, the long way: every micro-batch padded to its own longest."""
+    total = 0
+    for rows in plan:
+        longest = 0
+        for i in rows:
+            longest = max(longest, lengths[i])
+        total += len(rows) * longest
+    return total
+
+
+def test_micro_batch_plan_partitions_the_batch_within_the_token_budget():
+    assert grpo.micro_batch_plan([5, 9, 3, 9, 2, 7], 4) == [[0, 1, 2, 3], [4, 5]]  # the fixed path: batch order
+    # Sorted 9, 9, 7, 5, 3, 2 (indices 1, 3, 5, 0, 2, 4); budget 20: 2·9 = 18 fits, 3·9 = 27 does not; 2·7, 3·3 ...
+    assert grpo.micro_batch_plan([5, 9, 3, 9, 2, 7], 4, 20) == [[1, 3], [5, 0], [2, 4]]
+    assert grpo.micro_batch_plan([5, 30, 3], 4, 20) == [[1], [0, 2]]  # longer than the budget: alone
+    generator = torch.Generator().manual_seed(0)
+    for budget in (1, 50, 400, 3000, 10**6):
+        lengths = (torch.randint(1, 300, (37,), generator=generator)).tolist()
+        plan = grpo.micro_batch_plan(lengths, 16, budget)
+        assert sorted(i for rows in plan for i in rows) == list(range(37))  # every sequence exactly once
+        for rows in plan:
+            assert len(rows) == 1 or len(rows) * max(lengths[i] for i in rows) <= budget
+        for previous, following in zip(plan, plan[1:]):  # greedy: the next sequence did not fit in the previous one
+            assert (len(previous) + 1) * max(lengths[i] for i in previous + following[:1]) > budget
+    # GSM8K-like lengths: sorting wastes less padding than fixed micro-batches of the same peak.
+    lengths = [60 + int(x) for x in torch.distributions.LogNormal(5.0, 0.5).sample((128,)).clamp(max=512)]
+    fixed = grpo.micro_batch_plan(lengths, 16)
+    budget = 16 * max(lengths)
+    assert slow_plan_tokens(grpo.micro_batch_plan(lengths, 16, budget), lengths) < slow_plan_tokens(fixed, lengths)
+
+
+def with_varied_lengths(batch, eos, lengths):
+    """Cut completion i after lengths[i] tokens with an EOS, so the micro-batch plan has something to sort."""
+    for i, length in enumerate(lengths):
+        batch["completion_ids"][i, length - 1] = eos
+    batch["completion_mask"], _ = grpo.completion_mask_from_ids(batch["completion_ids"], [eos])
+    batch["loss_mask"] = batch["completion_mask"].clone()
+    return batch
+
+
+def test_token_budget_micro_batches_give_the_whole_batch_gradient_and_logprobs_in_batch_order(tiny_model_dir,
+                                                                                               model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    randomize_lora(model)
+    args = tiny_args(tiny_model_dir, beta=0.04)
+    batch = with_varied_lengths(rollout_batch(model, tokenizer, args), tokenizer.eos_token_id, [3, 12, 5, 9, 2, 7, 12, 4])
+    batch["loss_mask"][1] = 0  # a masked-out (e.g. truncated) sequence
+    lengths = grpo.sequence_lengths(batch)
+    assert lengths == [batch["prompt_ids"].shape[1] + n for n in [3, 12, 5, 9, 2, 7, 12, 4]]
+    whole = grpo.batch_logprobs(model, batch, args, 1.0, reference=True)  # one micro-batch of 8, batch order
+    budgets = (1, 3 * max(lengths), 10**6)  # every sequence alone; a few per micro-batch; one holding all 8 sorted
+    for budget in budgets:
+        budgeted = grpo.batch_logprobs(model, batch, dataclasses.replace(args, micro_batch_tokens=budget), 1.0, reference=True)
+        assert torch.allclose(budgeted, whole, atol=1e-5), budget  # rows come back where they were
+    batch["ref_logp"] = whole
+    for agg in ("seq", "token", "dr_grpo"):
+        denominator = grpo.loss_denominator(batch["loss_mask"], agg, args.max_new_tokens)
+        model.zero_grad(set_to_none=True)
+        grpo.accumulate_gradients(model, batch, dataclasses.replace(args, agg=agg), 1.0, denominator)
+        expected = lora_grads(model)
+        for budget in budgets:
+            model.zero_grad(set_to_none=True)
+            grpo.accumulate_gradients(model, batch, dataclasses.replace(args, agg=agg, micro_batch_tokens=budget), 1.0,
+                                      denominator)
+            grads = lora_grads(model)
+            assert grads.keys() == expected.keys() and len(grads) > 0
+            for name in grads:  # float32 sums in another order: close relative to the tensor's scale
+                scale = float(expected[name].abs().max())
+                assert torch.allclose(grads[name], expected[name], rtol=1e-4, atol=3e-5 * scale), (agg, budget, name)
+
+
+def limit_forward_batch(model, limit, grad_only=False, spare=0):
+    """A simulated memory limit inside the real forward: the first decoder layer raises CUDA's out-of-memory
+    error (after it has run, as a real one would) when a training pass (not generate, which runs in eval
+    mode) gives it more than `limit` sequences (in grad mode only: grad_only), after `spare` such forwards. Returns a record of the sizes it saw and how often it raised, and the hook handle."""
+    record = {"sizes": [], "raised": 0}
+
+    def hook(module, inputs, output):
+        n = (output[0] if isinstance(output, tuple) else output).shape[0]
+        record["sizes"].append(n)
+        applies = module.training and (torch.is_grad_enabled() or not grad_only)  # training passes, not generate
+        if applies and len(record["sizes"]) > spare and n > limit:
+            record["raised"] += 1
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+    return record, model.get_base_model().get_decoder().layers[0].register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("micro_batch_tokens", [0, 10**6])
+def test_out_of_memory_in_the_policy_pass_halves_and_redoes_it_from_zeroed_gradients(tiny_model_dir, model_and_tokenizer,
+                                                                                      micro_batch_tokens, capsys):
+    model, tokenizer = model_and_tokenizer
+    randomize_lora(model)
+    args = tiny_args(tiny_model_dir, beta=0.0, micro_batch=4, micro_batch_tokens=micro_batch_tokens)
+    batch = with_varied_lengths(rollout_batch(model, tokenizer, args), tokenizer.eos_token_id, [3, 12, 5, 9, 2, 7, 12, 4])
+    denominator = grpo.loss_denominator(batch["loss_mask"], "seq")
+    # With the token budget, the first (all-8) forward fails. With --micro-batch 4, the limit of 3 applies after
+    # the first micro-batch's forward: its gradient has landed when the second fails, and must not count twice
+    # (checked: without the zero_grad in with_memory_retry this test fails).
+    record, handle = limit_forward_batch(model, 7 if micro_batch_tokens else 3, grad_only=True,
+                                         spare=0 if micro_batch_tokens else 1)
+    try:
+        model.zero_grad(set_to_none=True)
+        stats = grpo.with_memory_retry(lambda: grpo.accumulate_gradients(model, batch, args, 1.0, denominator), model,
+                                       batch, args, "policy forward/backward")
+    finally:
+        handle.remove()
+    assert record["raised"] == 1  # the limit bit once, and the smaller size was enough
+    recovered = lora_grads(model)
+    if micro_batch_tokens:  # halved until the 8 sequences no longer fit in one micro-batch, and no further
+        assert args.micro_batch == 4 and args.micro_batch_tokens < 8 * max(grpo.sequence_lengths(batch)) <= 2 * args.micro_batch_tokens
+    else:
+        assert (args.micro_batch, args.micro_batch_tokens, record["sizes"][:3]) == (2, 0, [4, 4, 2])
+    assert "out of memory in the policy forward/backward: halved to --micro-batch" in capsys.readouterr().out
+    # The same pass run at the smaller size from the start: bit-identical (nothing of the failed try remains).
+    model.zero_grad(set_to_none=True)
+    expected_stats = grpo.accumulate_gradients(model, batch, args, 1.0, denominator)
+    assert stats == expected_stats
+    for name, grad in lora_grads(model).items():
+        assert torch.equal(recovered[name], grad), name
+
+
 def test_first_inner_iteration_has_ratio_exactly_one(tiny_model_dir, model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     randomize_lora(model)
@@ -667,6 +789,80 @@ def test_generation_out_of_memory_halves_the_chunk_and_carries_on(tiny_model_dir
     out = grpo.generate(model, tokenizer, ["a b c"] * 6, args, grpo.end_of_sequence_ids(model, tokenizer), 1.0)
     assert out["completion_ids"].shape[0] == 6 and sizes == [6, 4, 2, 2, 2]
     assert "halving the generation chunk to 2" in capsys.readouterr().out
+
+
+def run_main_with_memory_limit(monkeypatch, args, limit, grad_only=False):
+    """main() with random rewards on a model whose forward "runs out of memory" above `limit` sequences."""
+    real_load_model = grpo.load_model
+    records = []
+
+    def load_model_with_limit(*a, **k):
+        model, tokenizer = real_load_model(*a, **k)
+        records.append(limit_forward_batch(model, limit, grad_only)[0])
+        return model, tokenizer
+    monkeypatch.setattr(grpo, "load_model", load_model_with_limit)
+    result = run_main_with_random_rewards(args)
+    monkeypatch.setattr(grpo, "load_model", real_load_model)
+    return result, records[0]
+
+
+def test_out_of_memory_in_training_recovers_to_the_adapter_of_a_run_without_it(tiny_model_dir, gsm8k_few, tmp_path,
+                                                                               monkeypatch, capsys):
+    common = dict(data=gsm8k_few, out_dir=str(tmp_path), steps=2, beta=0.04, max_new_tokens=6, lr=1e-3, seed=4)
+    # 8 sequences per step; more than 4 in a forward "do not fit": the first (reference) pass fails, halves to 4.
+    recovered, record = run_main_with_memory_limit(monkeypatch, tiny_args(tiny_model_dir, run_name="oom", **common), 4)
+    assert record["raised"] == 1 and "out of memory in the reference pass: halved to --micro-batch 4" in capsys.readouterr().out
+    assert [m["batch/micro_batch"] for m in recovered["metrics"]] == [4, 4]  # kept for the rest of the run
+    # A run that used 4 from the start did exactly the same computations: bit-identical adapters.
+    at_four = run_main_with_random_rewards(tiny_args(tiny_model_dir, run_name="four", micro_batch=4, **common))
+    # The run that never ran out (8 per forward) sums the same terms in another order: equal to float32 rounding,
+    # which Adam magnifies where a gradient element is near its eps (it divides each element by its own size).
+    at_eight = run_main_with_random_rewards(tiny_args(tiny_model_dir, run_name="eight", **common))
+    a, four, eight = (adapter_tensors(r["model"]) for r in (recovered, at_four, at_eight))
+    start = adapter_tensors(grpo.load_model(tiny_args(tiny_model_dir), torch.device("cpu"))[0])
+    for name in a:
+        assert torch.equal(a[name], four[name]), name
+        moved = float((eight[name] - start[name]).abs().max())  # what 2 optimizer steps did to this tensor
+        assert float((a[name] - eight[name]).abs().max()) <= 1e-2 * moved, name
+    assert any(not torch.equal(a[n], start[n]) for n in a)
+
+
+def test_a_sequence_that_does_not_fit_alone_stops_with_its_length_after_saving(tiny_model_dir, gsm8k_few, tmp_path,
+                                                                               monkeypatch):
+    args = tiny_args(tiny_model_dir, data=gsm8k_few, out_dir=str(tmp_path), run_name="too-long", steps=3,
+                     micro_batch_tokens=10**6)
+    real_accumulate = grpo.accumulate_gradients
+    calls = {"n": 0}
+
+    def accumulate_out_of_memory_from_step_2(*a, **k):  # step 1 fits; from step 2 on, not even one sequence does
+        calls["n"] += 1
+        return real_accumulate(*a, **k)
+    monkeypatch.setattr(grpo, "accumulate_gradients", accumulate_out_of_memory_from_step_2)
+    real_load_model = grpo.load_model
+
+    def load_model_with_limit(*a, **k):
+        model, tokenizer = real_load_model(*a, **k)
+
+        def hook(module, inputs, output):
+            if module.training and torch.is_grad_enabled() and calls["n"] > 1:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        model.get_base_model().get_decoder().layers[0].register_forward_hook(hook)
+        return model, tokenizer
+    monkeypatch.setattr(grpo, "load_model", load_model_with_limit)
+    message = error_of_main_with_random_rewards(args)
+    assert "out of memory in the policy forward/backward with one sequence per micro-batch" in message
+    assert "lower --max-new-tokens" in message
+    longest = int(message.split("the longest: ")[1].split(" tokens")[0])
+    assert longest > 12 and calls["n"] > 2  # prompt + completion; it halved (and retried) before giving up
+    assert os.listdir(tmp_path / "too-long" / "checkpoints") == ["step_000001"]  # the finished step is saved
+
+
+def error_of_main_with_random_rewards(args) -> str:
+    with pytest.raises(SystemExit) as raised:
+        run_main_with_random_rewards(args)
+    message = str(raised.value.code)
+    assert message.startswith("grpo.py: error: ") and "\n" not in message
+    return message
 
 
 def test_variants_drop_zero_std_groups_and_mask_or_penalise_truncation(tiny_model_dir, gsm8k_few, tmp_path):
