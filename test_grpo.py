@@ -662,6 +662,34 @@ def test_eval_only_reports_strict_lenient_and_format_and_plot_draws_a_png(saved_
     assert (run_dir / "metrics.png").stat().st_size > 1000
 
 
+def test_plot_draws_only_the_panels_that_have_data(tmp_path):
+    pytest.importorskip("matplotlib")
+    step = {"reward/mean": 0.5, "reward/correct": 0.25, "completions/mean_length": 9.0, "loss/kl": 0.01}
+    write_jsonl(tmp_path / "metrics.jsonl", [{"step": 1, **step}, {"step": 2, **step}])
+    assert grpo.main(grpo.Args(plot=str(tmp_path))) == ["reward/mean", "reward/correct", "completions/mean_length",
+                                                        "loss/kl"]  # no eval: no empty eval panel
+    append = [{"step": 2, "eval/accuracy_strict": 0.5}]
+    grpo.append_jsonl(tmp_path / "metrics.jsonl", append)
+    assert "eval/accuracy_strict" in grpo.main(grpo.Args(plot=str(tmp_path)))
+    assert (tmp_path / "metrics.png").stat().st_size > 1000
+
+
+def test_known_harmless_warnings_are_silenced_and_nothing_else(tiny_model_dir, caplog):
+    import logging
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        grpo.load_model(tiny_args(tiny_model_dir), torch.device("cpu"))  # peft reads is_gradient_checkpointing
+        bnb_logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+        with caplog.at_level(logging.WARNING, logger=bnb_logger.name):
+            bnb_logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please ...", "x")
+            bnb_logger.warning("some other bitsandbytes warning")
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
+        warnings.warn("another deprecation", FutureWarning)
+    assert [str(w.message) for w in caught if w.category is FutureWarning] == ["another deprecation"]
+    assert [r.getMessage() for r in caplog.records] == ["some other bitsandbytes warning"]
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_model_dir, gsm8k_few, tmp_path):
     import signal
     command = [sys.executable, str(ROOT / "grpo.py"), "--model", tiny_model_dir, "--data", gsm8k_few, "--device", "cpu",
