@@ -52,6 +52,7 @@ import re
 import resource
 import shutil
 import signal
+import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -82,6 +83,9 @@ class Args:
     sample_every: int = arg(10, "print one sample completion every this many steps")
     samples_per_step: int = arg(4, "prompt/completion records written to samples.jsonl per step")
     plot: str = arg("", "path of a run directory: draw its metrics.jsonl into metrics.png and exit")
+    report_to: str = arg("none", "also send every metrics.jsonl record to: none | tensorboard (event files in "
+                         "RUN_DIR/tensorboard) | wandb (honours WANDB_MODE=offline); each needs its package")
+    wandb_project: str = arg("grpo", "W&B project of --report-to wandb (the run is named like the run directory)")
     # model / QLoRA
     model: str = arg("Qwen/Qwen2.5-14B", "hub id or local path of a causal LM, loaded in 4-bit NF4")
     lora_rank: int = arg(16, "LoRA rank r on every linear layer of the blocks")
@@ -174,6 +178,7 @@ def check_args(args: Args, world_size: int = 1):
         fail(f"--prompts-per-step {args.prompts_per_step} does not split into whole groups over {world_size} ranks")
     choices = {"agg": ("seq", "token", "dr_grpo"), "overlong": ("keep", "mask", "penalty"),
                "generation_model": ("policy", "merged"), "cpu_sampler": ("inverse_cdf", "multinomial"),
+               "report_to": ("none", "tensorboard", "wandb"),
                "lr_schedule": ("cosine", "constant")}
     for name, allowed in choices.items():
         if getattr(args, name) not in allowed:
@@ -441,7 +446,7 @@ def inverse_cdf_sampler(temperature, top_p):
     needs one uniform u per row: the token is the first whose cumulative probability exceeds u·total.
     Two levels keep the cumulative sums short: pick a block of INVERSE_CDF_BLOCK tokens by its total
     weight, then the token inside it; both cumulative sums are float64, so a token's chance is its
-    probability up to float rounding, and a token of probability 0 (masked by top-p) is never picked."""
+    probability up to float32 rounding, and a token of probability 0 (masked by top-p) is never picked."""
     from transformers import TopPLogitsWarper
     top_p_warper = TopPLogitsWarper(top_p) if top_p < 1.0 else None
 
@@ -451,11 +456,13 @@ def inverse_cdf_sampler(temperature, top_p):
         if top_p_warper is not None:
             scores = top_p_warper(input_ids, scores)  # transformers' own top-p: identical truncation
         n, V = scores.shape
-        weights = scores.sub_(scores.max(dim=1, keepdim=True).values).exp_()  # [n, V], unnormalised probs
+        weights = scores.sub_(scores.amax(dim=1, keepdim=True)).exp_()  # [n, V], unnormalised probs, in place
         full = V // INVERSE_CDF_BLOCK * INVERSE_CDF_BLOCK
-        block_sums = weights[:, :full].view(n, -1, INVERSE_CDF_BLOCK).sum(dim=2, dtype=torch.float64)
-        block_sums = torch.cat([block_sums, weights[:, full:].sum(dim=1, keepdim=True, dtype=torch.float64)], dim=1)
-        block_cdf = block_sums.cumsum(dim=1)  # [n, V / block + 1]
+        # Block sums in float32 (a float64 sum over [n, V] costs 20x more here): each block's weight is
+        # then exact to ~1e-7 relative, the same precision as the float32 probabilities multinomial gets.
+        block_sums = torch.cat([weights[:, :full].view(n, -1, INVERSE_CDF_BLOCK).sum(dim=2),
+                                weights[:, full:].sum(dim=1, keepdim=True)], dim=1).double()  # [n, V / block + 1]
+        block_cdf = block_sums.cumsum(dim=1)
         total = block_cdf[:, -1:]  # [n, 1]
         # u in [0, total): clamp just below total, since rand·total may round up to it.
         u = torch.minimum(torch.rand(n, 1, dtype=torch.float64, device=scores.device) * total,
@@ -471,10 +478,12 @@ def inverse_cdf_sampler(temperature, top_p):
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts, args: Args, eos_ids, temperature, greedy=False, log=print):
+def generate(model, tokenizer, prompts, args: Args, eos_ids, temperature, greedy=False, log=print, progress=""):
     """Sample one completion per prompt string (repeat a prompt G times for a group), in chunks of
     --generation-chunk sequences. Returns a dict of CPU tensors: prompt_ids/prompt_mask [N, P] (left
-    padded), completion_ids [N, T], completion_mask [N, T], truncated [N]; and texts (the decoded completions)."""
+    padded), completion_ids [N, T], completion_mask [N, T], truncated [N]; and texts (the decoded completions).
+    progress: the label of a progress bar in decode steps, drawn only when stderr is a terminal; "" = none."""
+    from tqdm import tqdm
     device = model.device
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     prompt_ids, prompt_mask = encoded["input_ids"], encoded["attention_mask"]  # [N, P]
@@ -486,12 +495,20 @@ def generate(model, tokenizer, prompts, args: Args, eos_ids, temperature, greedy
     sampling["repetition_penalty"] = 1.0
     model.eval()  # eval mode: no dropout, and gradient checkpointing does not switch the KV cache off
     chunks, start, chunk_size = [], 0, args.generation_chunk
+    # disable=None: tqdm draws only on a terminal, so logs and CI get nothing extra; leave=False: the bar
+    # is erased when done, and the one line per step stays as it was. Ticked by a stopping criterion
+    # that generate calls once per decode step and that never stops anything.
+    bar = tqdm(total=math.ceil(len(prompts) / chunk_size) * args.max_new_tokens, desc=progress, unit="tok",
+               leave=False, file=sys.stderr, disable=None if progress else True)
+    def tick(input_ids, scores, **kwargs):
+        bar.update(1)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     while start < len(prompts):
         rows = slice(start, start + chunk_size)
         try:
             output = model.generate(input_ids=prompt_ids[rows].to(device), attention_mask=prompt_mask[rows].to(device),
                                     max_new_tokens=args.max_new_tokens, use_cache=True, eos_token_id=eos_ids,
-                                    pad_token_id=tokenizer.pad_token_id, **sampling)
+                                    pad_token_id=tokenizer.pad_token_id, stopping_criteria=[tick], **sampling)
         except torch.OutOfMemoryError:
             if chunk_size == 1:
                 fail("out of memory generating a single sequence: lower --max-new-tokens (or use a smaller --model)")
@@ -502,6 +519,10 @@ def generate(model, tokenizer, prompts, args: Args, eos_ids, temperature, greedy
             continue
         chunks.append(output[:, prompt_ids.shape[1]:].cpu())  # keep only the new tokens
         start += chunk_size
+        done = len(chunks) * args.max_new_tokens  # counted in full: a chunk may stop early (all rows ended)
+        bar.total = done + math.ceil((len(prompts) - start) / chunk_size) * args.max_new_tokens  # chunk_size may have halved
+        bar.update(done - bar.n)
+    bar.close()
     model.train()
     T = max(c.shape[1] for c in chunks)  # chunks stop at different lengths: right-pad to one T
     completion_ids = torch.cat([torch.nn.functional.pad(c, (0, T - c.shape[1]), value=tokenizer.pad_token_id)
@@ -799,7 +820,8 @@ def evaluate(model, tokenizer, items, args: Args, eos_ids, pool, rank=0, world_s
     strict = lenient = formatted = 0.0
     if shard:
         prompts = [build_prompt(item, tokenizer, args.chat_template) for item in shard]
-        texts = generate(model, tokenizer, prompts, args, eos_ids, temperature=1.0, greedy=True)["texts"]
+        texts = generate(model, tokenizer, prompts, args, eos_ids, temperature=1.0, greedy=True,
+                         progress="eval" if rank == 0 else "")["texts"]
 
         def score_one(pair):
             text, item = pair
@@ -847,6 +869,39 @@ def append_jsonl(path, records):
     with open(path, "a", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps(record) + "\n")
+
+
+def open_report(args: Args, run_dir, is_main=True):
+    """--report-to: a live dashboard fed the same records as metrics.jsonl (step and eval records, same
+    names, x-axis = "step"), with the run's args as its config. Returns (report(record), close()); both
+    do nothing for "none" and on ranks other than 0. The packages are optional: imported only here."""
+    if args.report_to == "none" or not is_main:
+        return (lambda record: None), (lambda: None)
+    config = dataclasses.asdict(args)
+    if args.report_to == "tensorboard":
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # raises ImportError without the tensorboard package
+        except ImportError:
+            fail("--report-to tensorboard needs the tensorboard package: pip install tensorboard")
+        writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        writer.add_text("args", "\n".join(f"    --{k.replace('_', '-')} {v}" for k, v in config.items()))  # indented: markdown code
+
+        def report(record):
+            for key, value in record.items():
+                if key != "step":
+                    writer.add_scalar(key, value, global_step=record["step"])
+            writer.flush()  # live: visible in TensorBoard at once, not when a buffer fills
+        return report, writer.close
+    try:
+        import wandb
+    except ImportError:
+        fail("--report-to wandb needs the wandb package: pip install wandb")
+    run = wandb.init(project=args.wandb_project, name=os.path.basename(run_dir), dir=run_dir, config=config)
+
+    def report(record):
+        # An eval record shares its step with that step's training record: W&B merges them into one row.
+        run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+    return report, run.finish
 
 
 def plot_metrics(run_dir):
@@ -1049,6 +1104,7 @@ def main(args: Args):
         with open(os.path.join(run_dir, "args.json"), "w") as f:
             json.dump(dataclasses.asdict(args), f, indent=2)
         log(f"run directory {run_dir}")
+    report, close_report = open_report(args, run_dir, is_main)  # --report-to: TensorBoard / W&B, rank 0 only
 
     # SIGINT/SIGTERM: finish the current step, save, exit cleanly. A second Ctrl-C stops at once.
     stop = {"requested": False}
@@ -1069,6 +1125,7 @@ def main(args: Args):
         history.append(result)
         if is_main:
             append_jsonl(metrics_path, [result])
+        report(result)
     try:
         if eval_items and start_step == 0:  # the base model's score: the "before" of the run
             run_evaluation(0)
@@ -1083,7 +1140,8 @@ def main(args: Args):
             items = [train_items[i] for i in indices[rank * local_prompts : (rank + 1) * local_prompts]]
             group_items = [item for item in items for _ in range(args.group_size)]
             prompts = [build_prompt(item, tokenizer, args.chat_template) for item in group_items]
-            rollout = generate(sampler, tokenizer, prompts, args, eos_ids, temperature, log=log)
+            rollout = generate(sampler, tokenizer, prompts, args, eos_ids, temperature, log=log,
+                               progress=f"step {step + 1} generate" if is_main else "")
             generate_seconds = time.time() - step_start
 
             # 2. Rewards (verify.py) and 3. group advantages.
@@ -1170,6 +1228,7 @@ def main(args: Args):
                        "throughput/generated_tokens_per_s": float(every["lengths"].sum()) / max(generate_seconds, 1e-9) / world_size,
                        "memory/peak_gib": max(all_gather(peak_memory_gib(device)))}
             log(format_step_line(metrics, args.steps))
+            report(metrics)
             if is_main:
                 append_jsonl(metrics_path, [metrics])
                 append_jsonl(samples_path, [{"step": step + 1, "prompt": prompts[i], "completion": rollout["texts"][i],
@@ -1197,6 +1256,7 @@ def main(args: Args):
         for signum, handler in previous_handlers.items():
             signal.signal(signum, handler)
         pool.shutdown()
+        close_report()
     return {"model": model, "metrics": history}
 
 
