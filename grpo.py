@@ -107,7 +107,7 @@ class Args:
     generation_model: str = arg("policy", "sample from: policy (the 4-bit + LoRA model) | merged (a dense copy of the "
                                 "dequantized base with LoRA merged, refreshed every step: faster decoding, +2 bytes/weight)")
     cpu_sampler: str = arg("inverse_cdf", "how generate draws tokens on a CPU: inverse_cdf (one uniform per row, "
-                           "~4x faster there) | multinomial (generate's own); the distribution is the same. GPUs: always generate's own")
+                           "faster there: README, CPU demo) | multinomial (generate's own); the same distribution. GPUs: always generate's own")
     overlong: str = arg("keep", "truncated completions: keep | mask (out of the loss, DAPO) | penalty (reward - overlong_penalty)")
     overlong_penalty: float = arg(1.0, "subtracted from a truncated completion's reward with --overlong penalty")
     # reward
