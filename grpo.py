@@ -53,6 +53,7 @@ import re
 import resource
 import shutil
 import signal
+import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -83,6 +84,9 @@ class Args:
     sample_every: int = arg(10, "print one sample completion every this many steps")
     samples_per_step: int = arg(4, "prompt/completion records written to samples.jsonl per step")
     plot: str = arg("", "path of a run directory: draw its metrics.jsonl into metrics.png and exit")
+    report_to: str = arg("none", "also send every metrics.jsonl record to: none | tensorboard (event files in "
+                         "RUN_DIR/tensorboard) | wandb (honours WANDB_MODE=offline); each needs its package")
+    wandb_project: str = arg("grpo", "W&B project of --report-to wandb (the run is named like the run directory)")
     # model / QLoRA
     model: str = arg("Qwen/Qwen2.5-14B", "hub id or local path of a causal LM, loaded in 4-bit NF4")
     lora_rank: int = arg(16, "LoRA rank r on every linear layer of the blocks")
@@ -105,6 +109,8 @@ class Args:
     generation_model: str = arg("auto", "sample from: policy (the 4-bit + LoRA model) | merged (a dense copy of the "
                                 "dequantized base with LoRA merged, refreshed every step: faster decoding, +2 bytes/weight) "
                                 "| auto: merged on CUDA (measured faster: README Performance), policy on CPU")
+    cpu_sampler: str = arg("inverse_cdf", "how generate draws tokens on a CPU: inverse_cdf (one uniform per row, "
+                           "faster there: README, CPU demo) | multinomial (generate's own); the same distribution. GPUs: always generate's own")
     overlong: str = arg("keep", "truncated completions: keep | mask (out of the loss, DAPO) | penalty (reward - overlong_penalty)")
     overlong_penalty: float = arg(1.0, "subtracted from a truncated completion's reward with --overlong penalty")
     # reward
@@ -182,7 +188,8 @@ def check_args(args: Args, world_size: int = 1):
     if args.prompts_per_step % world_size:
         fail(f"--prompts-per-step {args.prompts_per_step} does not split into whole groups over {world_size} ranks")
     choices = {"agg": ("seq", "token", "dr_grpo"), "overlong": ("keep", "mask", "penalty"),
-               "generation_model": ("auto", "policy", "merged"),
+               "generation_model": ("auto", "policy", "merged"), "cpu_sampler": ("inverse_cdf", "multinomial"),
+               "report_to": ("none", "tensorboard", "wandb"),
                "lr_schedule": ("cosine", "constant")}
     for name, allowed in choices.items():
         if getattr(args, name) not in allowed:
@@ -315,8 +322,23 @@ def check_model_fits(args: Args, device):
              "train it on a CUDA GPU, or try the tiny CPU run (python tiny.py learn)")
 
 
+def silence_known_harmless_warnings():
+    """Two messages every run printed that say nothing is wrong, silenced by exact text (nothing else):
+    - bitsandbytes on a CPU with AVX512-BF16 tries an optional faster 4-bit kernel from the `kernels`
+      package at import and logs "Failed to load CPU gemm_4bit_forward from kernels-community" when it
+      is not installed; it then uses its own built-in CPU kernel, which is what we test with.
+    - peft's PeftModel.__init__ reads `model.is_gradient_checkpointing`, which transformers >= 5.24
+      deprecates with a FutureWarning on every call; it is peft's call, not ours (we use the new name)."""
+    import logging
+    import warnings
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward from kernels-community"))
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
 def load_model(args: Args, device: torch.device):
     """4-bit NF4 base + LoRA (QLoRA, Dettmers et al. 2023). Returns (peft model, tokenizer)."""
+    silence_known_harmless_warnings()  # before bitsandbytes' import, which logs the first one
     import bitsandbytes as bnb
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -459,30 +481,85 @@ def free_memory_bytes(device) -> int:
     return max(0, int(0.9 * free) - 2**30)
 
 
+INVERSE_CDF_BLOCK = 1024  # vocabulary entries per block of the two-level draw below
+
+
+def inverse_cdf_sampler(temperature, top_p):
+    """A logits processor that samples the next token itself, for a greedy (do_sample=False) generate:
+    it applies temperature and top-p exactly as generate's sampling does, draws one token per row, and
+    returns scores that are 0 at that token and -inf elsewhere, so generate's argmax picks it.
+    Why: on a CPU, torch.multinomial over 152k probabilities is bound by the random-number generator
+    (it draws far more than one number per row) and took ~77% of a tiny model's generate. Inverse CDF
+    needs one uniform u per row: the token is the first whose cumulative probability exceeds u·total.
+    Two levels keep the cumulative sums short: pick a block of INVERSE_CDF_BLOCK tokens by its total
+    weight, then the token inside it; both cumulative sums are float64, so a token's chance is its
+    probability up to float32 rounding, and a token of probability 0 (masked by top-p) is never picked."""
+    from transformers import TopPLogitsWarper
+    top_p_warper = TopPLogitsWarper(top_p) if top_p < 1.0 else None
+
+    def sample(input_ids, scores):  # scores [n, V] float32: generate's own copy of the last logits
+        if temperature != 1.0:
+            scores.div_(temperature)  # in place; the same float division as generate's temperature warper
+        if top_p_warper is not None:
+            scores = top_p_warper(input_ids, scores)  # transformers' own top-p: identical truncation
+        n, V = scores.shape
+        weights = scores.sub_(scores.amax(dim=1, keepdim=True)).exp_()  # [n, V], unnormalised probs, in place
+        full = V // INVERSE_CDF_BLOCK * INVERSE_CDF_BLOCK
+        # Block sums in float32 (a float64 sum over [n, V] costs 20x more here): each block's weight is
+        # then exact to ~1e-7 relative, the same precision as the float32 probabilities multinomial gets.
+        block_sums = torch.cat([weights[:, :full].view(n, -1, INVERSE_CDF_BLOCK).sum(dim=2),
+                                weights[:, full:].sum(dim=1, keepdim=True)], dim=1).double()  # [n, V / block + 1]
+        block_cdf = block_sums.cumsum(dim=1)
+        total = block_cdf[:, -1:]  # [n, 1]
+        # u in [0, total): clamp just below total, since rand·total may round up to it.
+        u = torch.minimum(torch.rand(n, 1, dtype=torch.float64, device=scores.device) * total,
+                          torch.nextafter(total, torch.zeros_like(total)))
+        block = torch.searchsorted(block_cdf, u, right=True)  # [n, 1]: first block whose cdf exceeds u
+        u = u - torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)), 0.0)  # u inside the block
+        columns = block * INVERSE_CDF_BLOCK + torch.arange(INVERSE_CDF_BLOCK, device=scores.device)  # [n, block]
+        inner = (weights.gather(1, columns.clamp(max=V - 1)) * (columns < V)).double().cumsum(dim=1)  # [n, block]
+        u = torch.minimum(u, torch.nextafter(inner[:, -1:], torch.zeros_like(u)))  # the block's two sums may differ in the last bit
+        token = columns.gather(1, torch.searchsorted(inner, u, right=True))  # [n, 1]
+        return scores.fill_(-math.inf).scatter_(1, token, 0.0)  # reuses the buffer: no new [n, V] tensor
+    return sample
+
+
 @torch.no_grad()
-def generate(model, tokenizer, prompts, args: Args, eos_ids, temperature, greedy=False, log=print):
+def generate(model, tokenizer, prompts, args: Args, eos_ids, temperature, greedy=False, log=print, progress=""):
     """Sample one completion per prompt string (repeat a prompt G times for a group), in chunks of
     --generation-chunk sequences (0: sized from free memory). Returns a dict of CPU tensors: prompt_ids and
     prompt_mask [N, P] (left padded), completion_ids [N, T], completion_mask [N, T], truncated [N]; texts
-    (the decoded completions) and generation_chunk (the chunk size used)."""
+    (the decoded completions) and generation_chunk (the chunk size used). progress: the label of a
+    progress bar in decode steps, drawn only when stderr is a terminal; "" = none."""
+    from tqdm import tqdm
     device = model.device
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     prompt_ids, prompt_mask = encoded["input_ids"], encoded["attention_mask"]  # [N, P]
     # Set every sampling knob: a checkpoint's generation_config.json may carry its own (Qwen2.5-Instruct
     # has top_k 20, repetition_penalty 1.05), and then the sampler would not be the policy we train.
     sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=args.top_p, top_k=0)
+    if not greedy and model.device.type == "cpu" and args.cpu_sampler == "inverse_cdf":  # the GPU path is unchanged
+        sampling = dict(do_sample=False, logits_processor=[inverse_cdf_sampler(temperature, args.top_p)])
     sampling["repetition_penalty"] = 1.0
     model.eval()  # eval mode: no dropout, and gradient checkpointing does not switch the KV cache off
     chunk_size = args.generation_chunk or generation_chunk_size(
         model.config, len(prompts), prompt_ids.shape[1], args.max_new_tokens, free_memory_bytes(device),
         dtype_bytes=2 if device.type == "cuda" else 4)
     chunks, start = [], 0
+    # disable=None: tqdm draws only on a terminal, so logs and CI get nothing extra; leave=False: the bar
+    # is erased when done, and the one line per step stays as it was. Ticked by a stopping criterion
+    # that generate calls once per decode step and that never stops anything.
+    bar = tqdm(total=math.ceil(len(prompts) / chunk_size) * args.max_new_tokens, desc=progress, unit="tok",
+               leave=False, file=sys.stderr, disable=None if progress else True)
+    def tick(input_ids, scores, **kwargs):
+        bar.update(1)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     while start < len(prompts):
         rows = slice(start, start + chunk_size)
         try:
             output = model.generate(input_ids=prompt_ids[rows].to(device), attention_mask=prompt_mask[rows].to(device),
                                     max_new_tokens=args.max_new_tokens, use_cache=True, eos_token_id=eos_ids,
-                                    pad_token_id=tokenizer.pad_token_id, **sampling)
+                                    pad_token_id=tokenizer.pad_token_id, stopping_criteria=[tick], **sampling)
         except torch.OutOfMemoryError:
             if chunk_size == 1:
                 fail("out of memory generating a single sequence: lower --max-new-tokens (or use a smaller --model)")
@@ -493,6 +570,10 @@ def generate(model, tokenizer, prompts, args: Args, eos_ids, temperature, greedy
             continue
         chunks.append(output[:, prompt_ids.shape[1]:].cpu())  # keep only the new tokens
         start += chunk_size
+        done = len(chunks) * args.max_new_tokens  # counted in full: a chunk may stop early (all rows ended)
+        bar.total = done + math.ceil((len(prompts) - start) / chunk_size) * args.max_new_tokens  # chunk_size may have halved
+        bar.update(done - bar.n)
+    bar.close()
     model.train()
     T = max(c.shape[1] for c in chunks)  # chunks stop at different lengths: right-pad to one T
     completion_ids = torch.cat([torch.nn.functional.pad(c, (0, T - c.shape[1]), value=tokenizer.pad_token_id)
@@ -948,7 +1029,8 @@ def grpo_step(step, train_items, model, sampler, tokenizer, optimizer, scheduler
     prompts = [build_prompt(item, tokenizer, args.chat_template) for item in group_items]
 
     # 2. Rollout: one sampled completion per prompt copy, and its completion mask.
-    rollout = generate(sampler, tokenizer, prompts, args, eos_ids, temperature, log=log)
+    rollout = generate(sampler, tokenizer, prompts, args, eos_ids, temperature, log=log,
+                       progress=f"step {step + 1} generate" if rank == 0 else "")
     generate_seconds = time.time() - step_start
 
     # 3. Rewards: verify.py's verdicts, weighted.
@@ -1003,7 +1085,8 @@ def evaluate(model, tokenizer, items, args: Args, eos_ids, pool, rank=0, world_s
     strict = lenient = formatted = 0.0
     if shard:
         prompts = [build_prompt(item, tokenizer, args.chat_template) for item in shard]
-        texts = generate(model, tokenizer, prompts, args, eos_ids, temperature=1.0, greedy=True)["texts"]
+        texts = generate(model, tokenizer, prompts, args, eos_ids, temperature=1.0, greedy=True,
+                         progress="eval" if rank == 0 else "")["texts"]
 
         def score_one(pair):
             text, item = pair
@@ -1121,8 +1204,42 @@ def announce_run(args: Args, run_dir, world_size, num_items, is_main, log=print)
         log(f"run directory {run_dir}")
 
 
+def open_report(args: Args, run_dir, is_main=True):
+    """--report-to: a live dashboard fed the same records as metrics.jsonl (step and eval records, same
+    names, x-axis = "step"), with the run's args as its config. Returns (report(record), close()); both
+    do nothing for "none" and on ranks other than 0. The packages are optional: imported only here."""
+    if args.report_to == "none" or not is_main:
+        return (lambda record: None), (lambda: None)
+    config = dataclasses.asdict(args)
+    if args.report_to == "tensorboard":
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # raises ImportError without the tensorboard package
+        except ImportError:
+            fail("--report-to tensorboard needs the tensorboard package: pip install tensorboard")
+        writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        writer.add_text("args", "\n".join(f"    --{k.replace('_', '-')} {v}" for k, v in config.items()))  # indented: markdown code
+
+        def report(record):
+            for key, value in record.items():
+                if key != "step":
+                    writer.add_scalar(key, value, global_step=record["step"])
+            writer.flush()  # live: visible in TensorBoard at once, not when a buffer fills
+        return report, writer.close
+    try:
+        import wandb
+    except ImportError:
+        fail("--report-to wandb needs the wandb package: pip install wandb")
+    run = wandb.init(project=args.wandb_project, name=os.path.basename(run_dir), dir=run_dir, config=config)
+
+    def report(record):
+        # An eval record shares its step with that step's training record: W&B merges them into one row.
+        run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+    return report, run.finish
+
+
 def plot_metrics(run_dir):
-    """metrics.jsonl -> metrics.png: reward, accuracy, completion length and KL against the step."""
+    """metrics.jsonl -> metrics.png: reward, accuracy, eval accuracy, completion length and KL against the
+    step, each panel only when the run logged it. Returns the metric names drawn."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -1136,16 +1253,20 @@ def plot_metrics(run_dir):
         records = [json.loads(line) for line in f if line.strip()]
     panels = [("reward/mean", "reward"), ("reward/correct", "accuracy (train)"), ("eval/accuracy_strict", "eval accuracy"),
               ("completions/mean_length", "completion length"), ("loss/kl", "KL to reference")]
-    figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
-    for axis, (key, title) in zip(axes, panels):
+    # Only panels with data: a run without evaluation gets no empty "eval accuracy" frame.
+    panels = [(key, title) for key, title in panels if any(key in r for r in records)]
+    if not panels:
+        fail(f"--plot: {path} has no step or eval records to draw")
+    figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    for axis, (key, title) in zip(axes[0], panels):
         points = [(r["step"], r[key]) for r in records if key in r]
-        if points:
-            axis.plot(*zip(*points), marker="." if len(points) < 30 else None)
+        axis.plot(*zip(*points), marker="." if len(points) < 30 else None)
         axis.set_title(title)
         axis.set_xlabel("step")
     figure.tight_layout()
     figure.savefig(os.path.join(run_dir, "metrics.png"), dpi=100)
     print(f"wrote {os.path.join(run_dir, 'metrics.png')}")
+    return [key for key, title in panels]  # what was drawn, for the tests
 
 
 # -----------------------------------------------------------------------------
@@ -1311,6 +1432,7 @@ def main(args: Args):
     announce_run(args, run_dir, world_size, len(train_items), is_main, log)
     stop, previous_handlers = catch_stop_signals(log)
     history, bad_steps = [], 0
+    report, close_report = open_report(args, run_dir, is_main)  # --report-to: TensorBoard / W&B, rank 0 only
 
     def run_evaluation(at_step):
         """Held-out eval: one printed line, a record in history and metrics.jsonl."""
@@ -1320,6 +1442,7 @@ def main(args: Args):
         history.append(result)
         if is_main:
             append_jsonl(os.path.join(run_dir, "metrics.jsonl"), [result])
+        report(result)
 
     def save_before_stopping(completed_steps):
         """Out of memory with one sequence per micro-batch: keep what the run has done. One process only: the
@@ -1339,6 +1462,7 @@ def main(args: Args):
                      f"{run_dir}/checkpoints; try a lower --lr or --max-grad-norm")
             metrics = step_metrics(result, args, world_size)
             log(format_step_line(metrics, args.steps))
+            report(metrics)
             if is_main:
                 write_step_records(run_dir, metrics, result, args, log)
             history.append(metrics)
@@ -1359,6 +1483,7 @@ def main(args: Args):
         for signum, handler in previous_handlers.items():
             signal.signal(signum, handler)
         pool.shutdown()
+        close_report()
     return {"model": model, "metrics": history}
 
 

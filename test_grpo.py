@@ -774,6 +774,100 @@ def test_non_finite_loss_skips_updates_then_stops_with_the_last_good_checkpoint(
     assert all(torch.isfinite(t).all() and torch.equal(t, last[n]) for n, t in first.items())  # no update after step 1
 
 
+def exact_sampling_probabilities(logits, temperature, top_p):
+    """float64 softmax(logits / T), then nucleus truncation the slow, obvious way: walk the tokens from
+    the most probable down and keep them until the kept mass reaches top_p; renormalise."""
+    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    if top_p < 1.0:
+        kept, mass = torch.zeros_like(probs), 0.0
+        for token in torch.argsort(probs, descending=True).tolist():
+            kept[token] = probs[token]
+            mass += float(probs[token])
+            if mass >= top_p:
+                break
+        probs = kept / kept.sum()
+    return probs
+
+
+def chi_square_fits(counts, probs, draws):
+    """Pearson's chi-square of the counts against probs (bins of expected count < 5 pooled into one),
+    compared with mean + 5 standard deviations of its chi-square distribution (k - 1 dof)."""
+    expected = probs * draws
+    big = expected >= 5
+    observed = torch.cat([counts[big].double(), counts[~big].sum().double()[None]])
+    expected = torch.cat([expected[big], expected[~big].sum()[None]])
+    observed, expected = observed[expected > 0], expected[expected > 0]
+    statistic = float(((observed - expected) ** 2 / expected).sum())
+    dof = len(expected) - 1
+    return statistic, dof, statistic < dof + 5 * math.sqrt(2 * dof)
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (1.3, 0.9), (1.0, 0.5)])
+def test_inverse_cdf_sampler_draws_the_exact_tempered_nucleus_distribution(temperature, top_p, monkeypatch):
+    """200,000 draws over a 100-token vocabulary in blocks of 16 (six full blocks and a tail of four, so
+    both levels of the draw and the tail are exercised): the counts fit the float64 probabilities, and
+    tokens outside the nucleus are never drawn."""
+    monkeypatch.setattr(grpo, "INVERSE_CDF_BLOCK", 16)
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(100, generator=generator) * 2.0  # [V], no ties
+    probs = exact_sampling_probabilities(logits, temperature, top_p)
+    sample = grpo.inverse_cdf_sampler(temperature, top_p)
+    torch.manual_seed(0)
+    counts = torch.zeros(100, dtype=torch.long)
+    for _ in range(4):  # 4 calls of 50,000 rows: the draws of separate calls must be independent too
+        scores = sample(None, logits.repeat(50_000, 1))  # [rows, V]: 0 at the drawn token, -inf elsewhere
+        assert (scores == 0).sum(dim=1).eq(1).all() and torch.isinf(scores).sum() == scores.numel() - 50_000
+        counts += torch.bincount(scores.argmax(dim=1), minlength=100)
+    assert counts[probs == 0].sum() == 0
+    statistic, dof, fits = chi_square_fits(counts, probs, 200_000)
+    assert fits, f"chi-square {statistic:.1f} with {dof} dof"
+    assert 0.5 * float((counts / 200_000 - probs).abs().sum()) < 0.01  # total variation
+
+
+@pytest.mark.parametrize("cpu_sampler", ["inverse_cdf", "multinomial"])
+def test_generate_on_cpu_samples_the_models_own_first_token_distribution(tiny_model_dir, model_and_tokenizer,
+                                                                         cpu_sampler):
+    """Through generate: 1,024 one-token completions of one prompt fit softmax(model logits / T) with
+    top-p. A low temperature concentrates the tiny random model's near-uniform logits on a few tokens."""
+    model, tokenizer = model_and_tokenizer
+    args = tiny_args(tiny_model_dir, max_new_tokens=1, generation_chunk=256, top_p=0.95, cpu_sampler=cpu_sampler)
+    temperature = 0.02
+    prompt = grpo.build_prompt({"prompt": "What is 2 + 3?", "answer": "5"}, tokenizer)
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, -1].float()  # [V]
+    probs = exact_sampling_probabilities(logits, temperature, args.top_p)
+    assert 5 <= int((probs > 1e-3).sum()) <= 200  # a distribution worth testing: neither one token nor flat
+    torch.manual_seed(0)
+    drawn = grpo.generate(model, tokenizer, [prompt] * 1024, args, eos_ids=[], temperature=temperature)["completion_ids"][:, 0]
+    counts = torch.bincount(drawn, minlength=len(probs))
+    assert counts[probs == 0].sum() == 0
+    statistic, dof, fits = chi_square_fits(counts, probs, 1024)
+    assert fits, f"chi-square {statistic:.1f} with {dof} dof"
+
+
+def test_generate_draws_a_progress_bar_only_on_a_terminal(tiny_model_dir, model_and_tokenizer, monkeypatch, capsys):
+    import io
+    model, tokenizer = model_and_tokenizer
+    args = tiny_args(tiny_model_dir, max_new_tokens=5, generation_chunk=2)
+    prompts = ["What is 2 + 3?"] * 3  # two chunks: 2 + 1 sequences, 5 decode steps each
+    grpo.generate(model, tokenizer, prompts, args, eos_ids=[], temperature=1.0, progress="step 1 generate")
+    err = capsys.readouterr().err
+    assert "step 1 generate" not in err and "%|" not in err  # captured output is not a terminal: no bar
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    grpo.generate(model, tokenizer, prompts, args, eos_ids=[], temperature=1.0, progress="step 1 generate")
+    drawn = terminal.getvalue()
+    assert "step 1 generate" in drawn and "10/10" in drawn  # every decode step of both chunks was ticked
+    terminal.truncate(0)
+    grpo.generate(model, tokenizer, prompts, args, eos_ids=[], temperature=1.0)  # no label: no bar
+    assert terminal.getvalue().strip("\x00") == ""
+
+
 def test_generation_out_of_memory_halves_the_chunk_and_carries_on(tiny_model_dir, model_and_tokenizer, capsys):
     model, tokenizer = model_and_tokenizer
     real_generate = model.generate
@@ -891,6 +985,109 @@ def test_eval_only_reports_strict_lenient_and_format_and_plot_draws_a_png(saved_
     assert "eval/accuracy_strict" in capsys.readouterr().out
     grpo.main(grpo.Args(plot=str(run_dir)))
     assert (run_dir / "metrics.png").stat().st_size > 1000
+
+
+def test_plot_draws_only_the_panels_that_have_data(tmp_path):
+    pytest.importorskip("matplotlib")
+    step = {"reward/mean": 0.5, "reward/correct": 0.25, "completions/mean_length": 9.0, "loss/kl": 0.01}
+    write_jsonl(tmp_path / "metrics.jsonl", [{"step": 1, **step}, {"step": 2, **step}])
+    assert grpo.main(grpo.Args(plot=str(tmp_path))) == ["reward/mean", "reward/correct", "completions/mean_length",
+                                                        "loss/kl"]  # no eval: no empty eval panel
+    append = [{"step": 2, "eval/accuracy_strict": 0.5}]
+    grpo.append_jsonl(tmp_path / "metrics.jsonl", append)
+    assert "eval/accuracy_strict" in grpo.main(grpo.Args(plot=str(tmp_path)))
+    assert (tmp_path / "metrics.png").stat().st_size > 1000
+
+
+def test_known_harmless_warnings_are_silenced_and_nothing_else(tiny_model_dir, caplog):
+    import logging
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        grpo.load_model(tiny_args(tiny_model_dir), torch.device("cpu"))  # peft reads is_gradient_checkpointing
+        bnb_logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+        with caplog.at_level(logging.WARNING, logger=bnb_logger.name):
+            bnb_logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please ...", "x")
+            bnb_logger.warning("some other bitsandbytes warning")
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
+        warnings.warn("another deprecation", FutureWarning)
+    assert [str(w.message) for w in caught if w.category is FutureWarning] == ["another deprecation"]
+    assert [r.getMessage() for r in caplog.records] == ["some other bitsandbytes warning"]
+
+
+def read_wandb_records(path):
+    """The records of an offline W&B run file (run-*.wandb): a 7-byte ":W&B" header, then LevelDB's log
+    format (32 KiB blocks; each piece: crc32, 2-byte length, type 1 full / 2 first / 3 middle / 4 last)
+    holding wandb_internal_pb2.Record protobufs. Written out here because wandb has no public reader."""
+    from wandb.proto import wandb_internal_pb2
+    data = open(path, "rb").read()
+    assert data[:4] == b":W&B"
+    pieces, pending, position = [], b"", 7
+    while position + 7 <= len(data):
+        if 32768 - position % 32768 < 7:  # a block's tail too short for a header is zero padding
+            position += 32768 - position % 32768
+            continue
+        length, kind = int.from_bytes(data[position + 4 : position + 6], "little"), data[position + 6]
+        pending += data[position + 7 : position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):
+            pieces.append(pending)
+            pending = b""
+    records = []
+    for piece in pieces:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(piece)
+        records.append(record)
+    return records
+
+
+@pytest.mark.parametrize("backend", ["tensorboard", "wandb"])
+def test_report_to_logs_the_metrics_jsonl_records_and_the_args(backend, tiny_model_dir, gsm8k_few, tmp_path,
+                                                                 monkeypatch):
+    pytest.importorskip(backend)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    args = tiny_args(tiny_model_dir, data=gsm8k_few, eval_data=gsm8k_few, eval_every=2, eval_n=2, out_dir=str(tmp_path),
+                     run_name="dash", report_to=backend, max_new_tokens=6)
+    run_main_with_random_rewards(args)
+    records = [json.loads(line) for line in open(tmp_path / "dash" / "metrics.jsonl")]
+    assert [r["step"] for r in records] == [0, 1, 2, 2]  # eval before, two steps, eval after
+    if backend == "tensorboard":
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        events = EventAccumulator(str(tmp_path / "dash" / "tensorboard"))
+        events.Reload()
+        for key in {k for r in records for k in r if k != "step"}:
+            expected = [(r["step"], r[key]) for r in records if key in r]
+            logged = [(e.step, e.value) for e in events.Scalars(key)]
+            assert [s for s, _ in logged] == [s for s, _ in expected], key
+            assert [v for _, v in logged] == pytest.approx([v for _, v in expected], rel=1e-6, abs=1e-12), key  # float32
+        assert "--group-size 4" in events.Tensors("args/text_summary")[0].tensor_proto.string_val[0].decode()
+    else:
+        [path] = (tmp_path / "dash" / "wandb").glob("offline-run-*/run-*.wandb")
+        logged = read_wandb_records(path)
+        rows = {}
+        for record in logged:
+            if record.WhichOneof("record_type") == "history":
+                row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+                rows[row["_step"]] = {k: v for k, v in row.items() if not k.startswith("_")}
+        expected = {}
+        for r in records:  # the eval record of step 2 joins that step's row
+            expected.setdefault(r["step"], {}).update({k: v for k, v in r.items() if k != "step"})
+        assert rows == expected
+        [run] = [r.run for r in logged if r.WhichOneof("record_type") == "run"]
+        config = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in run.config.update}
+        assert config["group_size"] == 4 and config["report_to"] == "wandb" and run.display_name == "dash"
+
+
+@pytest.mark.parametrize("backend,module", [("tensorboard", "torch.utils.tensorboard"), ("wandb", "wandb")])
+def test_report_to_without_its_package_is_one_clear_line(backend, module, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ImportError
+    with pytest.raises(SystemExit) as raised:
+        grpo.open_report(grpo.Args(report_to=backend), str(tmp_path))
+    assert str(raised.value.code) == f"grpo.py: error: --report-to {backend} needs the {backend} package: pip install {backend}"
+    report, close = grpo.open_report(grpo.Args(report_to=backend), str(tmp_path), is_main=False)  # other ranks: nothing
+    report({"step": 1, "x": 1.0})
+    close()
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_model_dir, gsm8k_few, tmp_path):

@@ -4,6 +4,7 @@ Tiny random Qwen2 models and a toy task, for CPU runs and the tests (no download
     python tiny.py model runs/tiny-model                   # a random 2-layer Qwen2 + word-level tokenizer
     python tiny.py model runs/tiny-qwen --tokenizer DIR    # the same with a real tokenizer (e.g. Qwen2.5's)
     python tiny.py learn                                    # watch GRPO learn the toy task on a CPU
+    python tiny.py cpu-demo                                 # the README's CPU side by side (two samplers)
 
 The models are saved like any Hugging Face model, so grpo.py loads them through exactly the path it
 uses for Qwen2.5-14B (4-bit NF4 + LoRA).
@@ -125,6 +126,40 @@ def learn(argv):
     return result
 
 
+def cpu_demo(argv):
+    """python tiny.py cpu-demo [--tokenizer DIR] [--data GSM8K_JSONL] [--steps 2] [--rounds 2]: the README's CPU
+    side by side. The tiny Qwen2 (hidden 64, 2 layers) with the real Qwen2.5 tokenizer, 8 GSM8K prompts × G = 8,
+    64 new tokens, micro-batch 16, β 0.04, LoRA r 16, 4-bit, through grpo.main with --cpu-sampler multinomial
+    and inverse_cdf in turn (the same process, rounds interleaved). Prints each run's seconds per step."""
+    import argparse
+    import resource
+    import tempfile
+
+    import grpo
+    parser = argparse.ArgumentParser(usage=cpu_demo.__doc__)
+    parser.add_argument("--tokenizer", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "qwen2.5-tokenizer"))
+    parser.add_argument("--data", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "gsm8k", "train.jsonl"))
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2)
+    a = parser.parse_args(argv)
+    work_dir = tempfile.mkdtemp(prefix="tiny-cpu-demo-")
+    model_dir = build_tiny_model(os.path.join(work_dir, "model"), tokenizer_dir=a.tokenizer)
+    for round_number in range(a.rounds):
+        for sampler in ("multinomial", "inverse_cdf"):
+            args = grpo.parse_args(["--model", model_dir, "--data", a.data, "--device", "cpu", "--prompts-per-step", "8",
+                                    "--group-size", "8", "--max-new-tokens", "64", "--micro-batch", "16", "--beta", "0.04",
+                                    "--lora-rank", "16", "--eval-every", "0", "--save-every", "0", "--sample-every", "0",
+                                    "--steps", str(a.steps), "--cpu-sampler", sampler, "--out-dir", work_dir,
+                                    "--run-name", f"{sampler}-{round_number}"])
+            before = resource.getrusage(resource.RUSAGE_SELF)
+            metrics = grpo.main(args)["metrics"]
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+            print("cpu-demo " + json.dumps({"sampler": sampler, "round": round_number, "cpu_s_run": round(cpu, 1),
+                                            "step_s": [round(m["time/step_s"], 1) for m in metrics],
+                                            "generate_s": [round(m["time/generate_s"], 1) for m in metrics]}), flush=True)
+
+
 if __name__ == "__main__":
     command = sys.argv[1] if len(sys.argv) > 1 else "learn"
     if command == "model":
@@ -132,5 +167,7 @@ if __name__ == "__main__":
         print(build_tiny_model(sys.argv[2], tokenizer_dir))
     elif command == "learn":
         learn(sys.argv[2:])
+    elif command == "cpu-demo":
+        cpu_demo(sys.argv[2:])
     else:
-        raise SystemExit(f"usage: python tiny.py model DIR [--tokenizer DIR] | learn [flags]  (got {command!r})")
+        raise SystemExit(f"usage: python tiny.py model DIR [--tokenizer DIR] | learn [flags] | cpu-demo [flags]  (got {command!r})")
