@@ -565,9 +565,10 @@ class TokenLogprobs(torch.autograd.Function):
             logits = chunk_logits(hidden[rows], weight, temperature)  # [n, V] float32, freed each chunk
             target_logit[rows] = logits.gather(1, targets[rows, None]).squeeze(1)
             logsumexp[rows] = torch.logsumexp(logits, dim=-1)
-            if with_entropy:  # H = -Σ p·log p: log p in the logits' buffer, p·log p in one temporary (the budget's 2nd)
-                log_p = logits.sub_(logsumexp[rows, None])
-                entropy[rows] = -(log_p.exp().mul_(log_p)).sum(dim=-1)
+            if with_entropy:  # H = -Σ p·log p: log p in the logits' buffer, p·log p in one temporary (the budget's 2nd).
+                # Trap: no new name for the buffer, or it outlives the loop step and the next chunk holds three.
+                logits.sub_(logsumexp[rows, None])
+                entropy[rows] = -logits.exp().mul_(logits).sum(dim=-1)
         ctx.save_for_backward(hidden, weight, targets, logsumexp)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
         if with_entropy:
