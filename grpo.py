@@ -31,6 +31,8 @@ Departures from the paper (each is a flag; the default is listed first):
      the policy that sampled. top-p truncation is not modelled (as in TRL).
   7. `--generation-model merged` samples from a dense copy of the policy (4-bit base dequantized,
      LoRA merged) for speed; in bf16 it differs from the trained policy by rounding only.
+  8. `--ratio-level sequence`: GSPO's one ratio per completion (Zheng et al. 2025); `--top-entropy-quantile`:
+     the policy term on the highest-entropy tokens only (Wang et al. 2025). Both off by default.
 
 Shapes: B prompts per step, G completions per prompt, N = B·G sequences, P prompt tokens,
 T completion tokens, V vocabulary, H hidden size. "mask" is always a 0/1 float of shape [N, T].
