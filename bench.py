@@ -174,6 +174,9 @@ def gather_child(a):
     elif a.only == "fused-copy":  # the gather before: lm_head cast to a float32 copy for the call
         def run():
             return grpo.token_logprobs(hidden, weight.float(), targets, a.temperature, memory_mb=a.memory_mb)
+    elif a.only == "fused-entropy":  # the same gather, also returning each token's entropy (grpo logs it)
+        def run():
+            return grpo.token_logprobs(hidden, weight, targets, a.temperature, memory_mb=a.memory_mb, with_entropy=True)[0]
     else:
         def run():
             return grpo.token_logprobs(hidden, weight, targets, a.temperature, memory_mb=a.memory_mb)
@@ -216,6 +219,8 @@ def gather_main(a):
         runs = [("naive", a.memory_mb)] + [("fused", mb) for mb in budgets]
         if a.compare_copy:  # what the float32 copy of a 16-bit lm_head used to cost
             runs.append(("fused-copy", a.memory_mb))
+        if a.with_entropy:
+            runs.append(("fused-entropy", a.memory_mb))
         for impl, mb in runs:
             save = os.path.join(tmp, f"{impl}-{mb}.pt")
             command = [sys.executable, os.path.abspath(__file__), "gather", "--only", impl, "--tokens", str(a.tokens),
@@ -779,7 +784,10 @@ def parse_args(argv=None):
     g.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default")
     g.add_argument("--compare-copy", action="store_true", help="add a row for the fused gather fed a float32 copy "
                    "of lm_head (what it did before it learnt to multiply 16-bit weights without one)")
-    g.add_argument("--only", choices=("naive", "fused", "fused-copy"), default=None, help=argparse.SUPPRESS)  # child
+    g.add_argument("--with-entropy", action="store_true", help="add a row for the fused gather that also returns "
+                   "each token's entropy (token_logprobs(..., with_entropy=True), as the training pass calls it)")
+    g.add_argument("--only", choices=("naive", "fused", "fused-copy", "fused-entropy"), default=None,
+                   help=argparse.SUPPRESS)  # child
     g.add_argument("--save", default=None, help=argparse.SUPPRESS)
     p = sub.add_parser("plan", help="padded tokens per step: fixed micro-batches vs a token budget (no model)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)

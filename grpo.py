@@ -32,6 +32,8 @@ Departures from the paper (each is a flag; the default is listed first):
   7. On a GPU, rollouts are sampled from a dense bf16 copy of the policy (4-bit base dequantized, LoRA
      merged, refreshed every step) for speed; it differs from the trained policy by rounding only.
      `--generation-model policy` samples from the 4-bit model itself (26 GB less at 14B).
+  8. `--ratio-level sequence`: GSPO's one ratio per completion (Zheng et al. 2025); `--top-entropy-quantile`:
+     the policy term on the highest-entropy tokens only (Wang et al. 2025). Both off by default.
 
 Shapes: B prompts per step, G completions per prompt, N = B·G sequences, P prompt tokens,
 T completion tokens, V vocabulary, H hidden size. "mask" is always a 0/1 float of shape [N, T].
@@ -124,6 +126,9 @@ class Args:
     clip_low: float = arg(0.2, "ε_low: the ratio is clipped below at 1 - ε_low")
     clip_high: float = arg(0.2, "ε_high: the ratio is clipped above at 1 + ε_high (DAPO: 0.28)")
     agg: str = arg("seq", "loss aggregation: seq (GRPO) | token (DAPO) | dr_grpo (Dr. GRPO)")
+    ratio_level: str = arg("token", "importance ratio: token (GRPO) | sequence (GSPO: one length-normalised ratio per completion)")
+    top_entropy_quantile: float = arg(1.0, "ρ: the policy term trains only the batch's top-ρ fraction of trained tokens "
+                                      "by policy entropy (Wang et al. 2025 use 0.2); the KL term keeps all; 1: all")
     scale_advantages: bool = arg(True, "divide advantages by the group std (off: Dr. GRPO)")
     num_iterations: int = arg(1, "μ: optimizer steps per generated batch")
     drop_zero_std_groups: bool = arg(False, "leave groups whose rewards are all equal out of the loss (DAPO)")
@@ -187,7 +192,7 @@ def check_args(args: Args, world_size: int = 1):
         fail(f"--micro-batch-tokens must be 0 (off) or positive (got {args.micro_batch_tokens})")
     if args.prompts_per_step % world_size:
         fail(f"--prompts-per-step {args.prompts_per_step} does not split into whole groups over {world_size} ranks")
-    choices = {"agg": ("seq", "token", "dr_grpo"), "overlong": ("keep", "mask", "penalty"),
+    choices = {"agg": ("seq", "token", "dr_grpo"), "overlong": ("keep", "mask", "penalty"), "ratio_level": ("token", "sequence"),
                "generation_model": ("auto", "policy", "merged"), "cpu_sampler": ("inverse_cdf", "multinomial"),
                "report_to": ("none", "tensorboard", "wandb"),
                "lr_schedule": ("cosine", "constant")}
@@ -198,6 +203,8 @@ def check_args(args: Args, world_size: int = 1):
         fail("--adapter is for --eval-only; to continue training a run, use --resume RUN_DIR")
     if not (0 <= args.clip_low < 1 and args.clip_high >= 0):
         fail(f"clip range [1 - {args.clip_low}, 1 + {args.clip_high}] is empty or negative")
+    if not 0 < args.top_entropy_quantile <= 1:
+        fail(f"--top-entropy-quantile {args.top_entropy_quantile}: must be in (0, 1] (a fraction of the tokens)")
 
 
 # -----------------------------------------------------------------------------
@@ -639,21 +646,29 @@ def float32_matmul(a, b):
 
 class TokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, chunk_size):
+    def forward(ctx, hidden, weight, targets, temperature, chunk_size, with_entropy=False):
         # hidden [N, H], weight [V, H] (lm_head, frozen, in the compute dtype), targets [N] -> log-probs [N] float32
         logsumexp = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         target_logit = torch.empty_like(logsumexp)
+        entropy = torch.empty_like(logsumexp) if with_entropy else None
         for start in range(0, hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
             logits = chunk_logits(hidden[rows], weight, temperature)  # [n, V] float32, freed each chunk
             target_logit[rows] = logits.gather(1, targets[rows, None]).squeeze(1)
             logsumexp[rows] = torch.logsumexp(logits, dim=-1)
+            if with_entropy:  # H = -Σ p·log p: log p in the logits' buffer, p·log p in one temporary (the budget's 2nd).
+                # Trap: no new name for the buffer, or it outlives the loop step and the next chunk holds three.
+                logits.sub_(logsumexp[rows, None])
+                entropy[rows] = -logits.exp().mul_(logits).sum(dim=-1)
         ctx.save_for_backward(hidden, weight, targets, logsumexp)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        if with_entropy:
+            ctx.mark_non_differentiable(entropy)
+            return target_logit - logsumexp, entropy
         return target_logit - logsumexp
 
     @staticmethod
-    def backward(ctx, grad_logprobs):
+    def backward(ctx, grad_logprobs, grad_entropy=None):  # the entropy is a diagnostic: no gradient flows from it
         hidden, weight, targets, logsumexp = ctx.saved_tensors
         grad_hidden = torch.empty_like(hidden)
         for start in range(0, hidden.shape[0], ctx.chunk_size):
@@ -669,7 +684,7 @@ class TokenLogprobs(torch.autograd.Function):
             # float32 first, then rounded, as any bf16 lm_head backward does); float32 accumulation.
             grad_hidden[rows] = float32_matmul(grad_logits.to(weight.dtype), weight).div_(ctx.temperature).to(hidden.dtype)
         # lm_head is frozen: no [V, H] gradient is ever formed; targets/temperature/chunk have none.
-        return grad_hidden, None, None, None, None
+        return grad_hidden, None, None, None, None, None
 
 
 def chunk_logits(hidden_chunk, weight, temperature):
@@ -677,25 +692,28 @@ def chunk_logits(hidden_chunk, weight, temperature):
     return logits.div_(temperature) if temperature != 1.0 else logits  # in place: no second [n, V] buffer
 
 
-def token_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=None, memory_mb=256):
+def token_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=None, memory_mb=256, with_entropy=False):
     """log softmax(hidden @ weight.T / temperature)[targets], as float32 [N], in chunks of rows.
     hidden [N, H] (gradient flows), weight [V, H] (no gradient), targets [N] int64. chunk_size=None
-    picks the rows per chunk from memory_mb. test_grpo.py checks it against a float64 reference."""
+    picks the rows per chunk from memory_mb. with_entropy: returns (log-probs, entropy [N] float32 of
+    softmax(logits / temperature), no gradient), from the same chunks. test_grpo.py checks both against float64."""
     if chunk_size is None:
         chunk_size = gather_chunk_rows(weight.shape[0], memory_mb)
-    return TokenLogprobs.apply(hidden, weight, targets, float(temperature), int(chunk_size))
+    return TokenLogprobs.apply(hidden, weight, targets, float(temperature), int(chunk_size), bool(with_entropy))
 
 
-def sequence_logprobs(model, batch, temperature, memory_mb=256):
+def sequence_logprobs(model, batch, temperature, memory_mb=256, with_entropy=False):
     """Per-token log-probs [n, T] of the completions in batch (0 where completion_mask is 0), from the
-    backbone's hidden states and the fused gather. Gradients flow when called with grad enabled."""
+    backbone's hidden states and the fused gather. Gradients flow when called with grad enabled.
+    with_entropy: returns (log-probs, the policy's entropy per token [n, T], no gradient)."""
     prompt_ids, completion_ids, mask = batch["prompt_ids"], batch["completion_ids"], batch["completion_mask"]
     n, P = prompt_ids.shape
     T = completion_ids.shape[1]
     used = int(mask.any(dim=0).nonzero().max()) + 1 if mask.any() else 0  # trailing all-pad columns are skipped
     logprobs = torch.zeros(n, T, dtype=torch.float32, device=mask.device)
+    entropy = torch.zeros_like(logprobs)
     if used == 0:
-        return logprobs
+        return (logprobs, entropy) if with_entropy else logprobs
     input_ids = torch.cat([prompt_ids, completion_ids[:, :used]], dim=1)  # [n, P + used]
     attention_mask = torch.cat([batch["prompt_mask"], torch.ones_like(completion_ids[:, :used])], dim=1)
     # Left padding: positions count real tokens only, exactly as generate numbered them.
@@ -706,9 +724,11 @@ def sequence_logprobs(model, batch, temperature, memory_mb=256):
     hidden = hidden[:, P - 1 : P + used - 1]  # [n, used, H]: position t predicts completion token t
     keep = mask.bool()  # [n, T]; its columns >= used are all False, so both selections list the same tokens
     lm_head = model.get_output_embeddings().weight  # [V, H]
-    flat = token_logprobs(hidden[keep[:, :used]], lm_head, completion_ids[keep], temperature, memory_mb=memory_mb)
-    logprobs[keep] = flat  # [n, T]: only real completion tokens reach the gather; the rest stay 0, no gradient
-    return logprobs
+    flat = token_logprobs(hidden[keep[:, :used]], lm_head, completion_ids[keep], temperature, memory_mb=memory_mb,
+                          with_entropy=with_entropy)
+    # [n, T]: only real completion tokens reach the gather; the rest stay 0, no gradient
+    logprobs[keep], entropy[keep] = flat if with_entropy else (flat, 0.0)
+    return (logprobs, entropy) if with_entropy else logprobs
 
 
 # -----------------------------------------------------------------------------
@@ -748,6 +768,19 @@ def advantages_and_loss_mask(rewards, rollout, args: Args):
     return rewards, advantages, loss_mask, zero_std
 
 
+def high_entropy_mask(entropy, loss_mask, quantile):
+    """--top-entropy-quantile ρ: 1 for the trained tokens whose entropy is among the ⌈ρ·n⌉ highest of the n
+    trained tokens of the whole batch, on every rank (ties kept), else 0. [N, T] (Wang et al. 2025: the
+    "forking" tokens carry the learning; they keep ρ = 0.2.) Computed once, before the updates, so
+    micro-batches and ranks all use one threshold."""
+    trained = torch.cat([e.to(entropy.device) for e in all_gather(entropy[loss_mask.bool()].cpu())])
+    if trained.numel() == 0:
+        return loss_mask.clone()
+    keep = max(1, math.ceil(round(quantile * trained.numel(), 6)))  # round: 0.2 · 15 is 3.0000000000000004
+    threshold = trained.kthvalue(trained.numel() - keep + 1).values  # the keep-th largest
+    return loss_mask * (entropy >= threshold).float()
+
+
 def loss_denominator(mask, agg, max_new_tokens=None):
     """The normalizer of each aggregation, for the whole batch (so micro-batches sum to the same loss).
     seq: sequences with at least one trained token; token: trained tokens; dr_grpo: N·max_new_tokens."""
@@ -759,12 +792,18 @@ def loss_denominator(mask, agg, max_new_tokens=None):
 
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_low=0.2, clip_high=0.2, beta=0.04, agg="seq",
-              denominator=None):
+              denominator=None, ratio_level="token", policy_mask=None):
     """The negated GRPO objective. logp/old_logp/ref_logp/mask [N, T], advantages [N]; ref_logp may be
     None when beta == 0. denominator: the batch-wide normalizer (loss_denominator) when this is one
-    micro-batch of a larger batch; None computes it from this batch. Returns (loss, stats)."""
+    micro-batch of a larger batch; None computes it from this batch. ratio_level "sequence": GSPO's one
+    ratio per completion. policy_mask [N, T]: 0/1, the tokens whose policy term counts (the KL term
+    counts all of mask); None: all. Returns (loss, stats)."""
     A = advantages[:, None]  # [N, 1], one advantage for every token of a completion
     ratio = torch.exp(logp - old_logp)  # [N, T], π_θ / π_old; exactly 1 when old_logp = logp.detach()
+    if ratio_level == "sequence":
+        # GSPO (Zheng et al. 2025): s_i = exp(mean_t log ratio), length-normalised, one per completion;
+        # its gradient flows through every token's log-prob, scaled by s_i / |o_i|. [N, 1]
+        ratio = torch.exp(((logp - old_logp) * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1))
     ratio_clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high)  # [N, T]
     surrogate = torch.minimum(ratio * A, ratio_clipped * A)  # [N, T], PPO's pessimistic bound
     if beta != 0:
@@ -772,6 +811,8 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_low=0.2, clip_hig
         kl = torch.exp(log_ratio_ref) - log_ratio_ref - 1  # [N, T], k3 >= 0, unbiased for KL(π_θ‖π_ref)
     else:
         kl = torch.zeros_like(logp)
+    if policy_mask is not None:  # high-entropy tokens only (Wang et al. 2025, "Beyond the 80/20 Rule"); KL on all
+        surrogate = surrogate * policy_mask
     per_token_objective = surrogate - beta * kl  # [N, T]
     per_token_loss = -per_token_objective * mask  # [N, T]: maximise the objective = minimise its negative
     if agg == "seq":
@@ -838,15 +879,18 @@ def micro_batches(batch, size, plan=None):
 
 
 @torch.no_grad()
-def batch_logprobs(model, batch, args: Args, temperature, reference=False):
-    """Log-probs [N, T] of a whole batch without gradient: π_old (μ > 1) or, with adapters off, π_ref."""
+def batch_logprobs(model, batch, args: Args, temperature, reference=False, with_entropy=False):
+    """Log-probs [N, T] of a whole batch without gradient: π_old (μ > 1) or, with adapters off, π_ref.
+    with_entropy: (log-probs, entropy [N, T])."""
     plan = micro_batch_plan(sequence_lengths(batch), args.micro_batch, args.micro_batch_tokens)
     logprobs = torch.zeros(batch["completion_ids"].shape, dtype=torch.float32, device=batch["completion_ids"].device)
+    entropy = torch.zeros_like(logprobs)
     for rows, micro in zip(plan, micro_batches(batch, args.micro_batch, plan)):
+        rows = torch.tensor(rows, device=logprobs.device)  # rows back in batch order whatever order the plan ran
         with model.disable_adapter() if reference else contextlib.nullcontext():  # π_ref: the 4-bit base, LoRA off
-            logprobs[torch.tensor(rows, device=logprobs.device)] = sequence_logprobs(model, micro, temperature,
-                                                                                     args.logprob_memory_mb)
-    return logprobs  # [N, T], rows back in batch order whatever order the plan ran them in
+            result = sequence_logprobs(model, micro, temperature, args.logprob_memory_mb, with_entropy)
+        logprobs[rows], entropy[rows] = result if with_entropy else (result, 0.0)
+    return (logprobs, entropy) if with_entropy else logprobs  # [N, T]
 
 
 def accumulate_gradients(model, batch, args: Args, temperature, denominator):
@@ -866,12 +910,14 @@ def accumulate_gradients(model, batch, args: Args, temperature, denominator):
         offload = (torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda") if args.offload_activations
                    else contextlib.nullcontext())
         with offload:
-            logp = sequence_logprobs(model, micro, temperature, args.logprob_memory_mb)  # [n, T], with grad
+            logp, entropy = sequence_logprobs(model, micro, temperature, args.logprob_memory_mb, with_entropy=True)
         # μ = 1: π_old is the policy right now, so old = logp.detach() and the ratio is exactly 1.
         old_logp = micro["old_logp"] if "old_logp" in micro else logp.detach()
         loss, stats = grpo_loss(logp, old_logp, micro.get("ref_logp"), micro["advantages"], micro["loss_mask"],
-                                args.clip_low, args.clip_high, args.beta, args.agg, denominator)
+                                args.clip_low, args.clip_high, args.beta, args.agg, denominator, args.ratio_level,
+                                micro.get("policy_mask"))
         loss.backward()
+        stats["entropy"] = float((entropy * micro["loss_mask"]).sum() / micro["loss_mask"].sum().clamp(min=1))
         stats["loss"] = float(loss.detach()) * denominator  # un-normalised, so the sums below add up
         for key, value in stats.items():
             weight = 1.0 if key in ("loss", "tokens") else stats["tokens"]
@@ -1049,9 +1095,14 @@ def grpo_step(step, train_items, model, sampler, tokenizer, optimizer, scheduler
     if args.beta != 0:
         batch["ref_logp"] = with_memory_retry(lambda: batch_logprobs(model, batch, args, temperature, reference=True),
                                               model, batch, args, "reference pass", **retry)
-    if args.num_iterations > 1:
-        batch["old_logp"] = with_memory_retry(lambda: batch_logprobs(model, batch, args, temperature),
+    if args.num_iterations > 1 or args.top_entropy_quantile < 1:
+        # One pass, adapters on: π_old's log-probs (μ > 1) and its entropies (--top-entropy-quantile).
+        old_logp, entropy = with_memory_retry(lambda: batch_logprobs(model, batch, args, temperature, with_entropy=True),
                                               model, batch, args, "old log-prob pass", **retry)
+        if args.num_iterations > 1:
+            batch["old_logp"] = old_logp
+        if args.top_entropy_quantile < 1:
+            batch["policy_mask"] = high_entropy_mask(entropy, batch["loss_mask"], args.top_entropy_quantile)
     reference_seconds = time.time() - reference_start
 
     # 6. μ optimizer steps on this batch. The denominator is global: summed over ranks.
@@ -1145,6 +1196,7 @@ def step_metrics(result, args: Args, world_size=1) -> dict:
             "loss/value": sum(g["stats"].get("loss", 0.0) for g in gathered), "loss/kl": token_mean("kl"),
             "loss/clip_frac": token_mean("clip_frac"), "loss/clip_frac_low": token_mean("clip_frac_low"),
             "loss/clip_frac_high": token_mean("clip_frac_high"), "loss/ratio_mean": token_mean("ratio_mean"),
+            "policy/entropy": token_mean("entropy"),
             "loss/grad_norm": result["grad_norm"], "loss/trained_tokens": int(sum(tokens)),
             "optim/lr": result["lr"], "rollout/temperature": result["temperature"],
             "time/generate_s": seconds["generate"], "time/reference_s": seconds["reference"],
@@ -1159,7 +1211,7 @@ def format_step_line(m, steps) -> str:
             f"| acc {m['reward/correct']:.3f} | fmt {m['reward/format']:.2f} "
             f"| len {m['completions/mean_length']:.0f}/{m['completions/max_length']} "
             f"| trunc {m['completions/truncated_frac']:.2f} | zero-std {m['groups/zero_std_frac']:.2f} "
-            f"| kl {m['loss/kl']:.4f} | clip {m['loss/clip_frac']:.3f} | lr {m['optim/lr']:.2e} "
+            f"| kl {m['loss/kl']:.4f} | ent {m['policy/entropy']:.3f} | clip {m['loss/clip_frac']:.3f} | lr {m['optim/lr']:.2e} "
             f"| temp {m['rollout/temperature']:.2f} | gen {m['time/generate_s']:.1f}s "
             f"| train {m['time/train_s']:.1f}s | {m['throughput/generated_tokens_per_s']:.0f} tok/s "
             f"| mem {m['memory/peak_gib']:.1f} GiB")
@@ -1238,8 +1290,8 @@ def open_report(args: Args, run_dir, is_main=True):
 
 
 def plot_metrics(run_dir):
-    """metrics.jsonl -> metrics.png: reward, accuracy, eval accuracy, completion length and KL against the
-    step, each panel only when the run logged it. Returns the metric names drawn."""
+    """metrics.jsonl -> metrics.png: reward, accuracy, eval accuracy, completion length, KL and entropy against
+    the step, each panel only when the run logged it. Returns the metric names drawn."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -1252,7 +1304,8 @@ def plot_metrics(run_dir):
     with open(path, encoding="utf-8") as f:
         records = [json.loads(line) for line in f if line.strip()]
     panels = [("reward/mean", "reward"), ("reward/correct", "accuracy (train)"), ("eval/accuracy_strict", "eval accuracy"),
-              ("completions/mean_length", "completion length"), ("loss/kl", "KL to reference")]
+              ("completions/mean_length", "completion length"), ("loss/kl", "KL to reference"),
+              ("policy/entropy", "policy entropy")]
     # Only panels with data: a run without evaluation gets no empty "eval accuracy" frame.
     panels = [(key, title) for key, title in panels if any(key in r for r in records)]
     if not panels:

@@ -132,6 +132,32 @@ def test_token_logprobs_on_cuda_uses_the_bf16_gemm_and_matches_float64():
     assert (hidden.grad.double() - hidden64.grad).abs().max() <= 2e-2 * scale
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("chunk_size", [7, None])
+def test_token_logprobs_entropy_matches_float64_and_leaves_logprobs_and_gradient_unchanged(dtype, temperature, chunk_size):
+    torch.manual_seed(3)
+    N, H, V = 50, 16, 300  # chunk 7 does not divide 50
+    hidden = (torch.randn(N, H) * 2).to(dtype).requires_grad_()
+    weight = torch.randn(V, H).to(dtype)
+    targets = torch.randint(0, V, (N,))
+    upstream = torch.randn(N)
+    plain = grpo.token_logprobs(hidden, weight, targets, temperature, chunk_size=chunk_size, memory_mb=1)
+    (plain * upstream).sum().backward()
+    plain_grad, hidden.grad = hidden.grad.clone(), None
+    logprobs, entropy = grpo.token_logprobs(hidden, weight, targets, temperature, chunk_size=chunk_size, memory_mb=1,
+                                            with_entropy=True)
+    (logprobs * upstream).sum().backward()
+    assert torch.equal(logprobs, plain) and torch.equal(hidden.grad, plain_grad)  # the same numbers, bit for bit
+    assert entropy.dtype == torch.float32 and entropy.shape == (N,) and not entropy.requires_grad
+    # float64 reference, written as a sum over the vocabulary one token at a time: H = -Σ_v p_v log p_v.
+    logits = hidden.detach().double() @ weight.double().T / temperature
+    for i in range(0, N, 9):
+        p = [math.exp(x) for x in (logits[i] - torch.logsumexp(logits[i], 0)).tolist()]
+        assert float(entropy[i]) == pytest.approx(-sum(q * math.log(q) for q in p if q > 0), abs=1e-4)
+    assert 0 < float(entropy.min()) and float(entropy.max()) <= math.log(V) + 1e-5
+
+
 def test_generation_chunk_is_sized_from_the_kv_cache_and_balanced():
     config = __import__("transformers").AutoConfig.from_pretrained(SHARED / "qwen2.5-14b")
     # Qwen2.5-14B by hand: K and V x 48 layers x 8 KV heads x 128 dims x 2 bytes = 196,608 bytes (192 KiB)
@@ -156,18 +182,25 @@ def test_token_logprobs_default_chunking_follows_the_memory_budget():
 # grpo_loss against a slow per-token loop.
 
 
-def slow_grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_low, clip_high, beta, agg, max_tokens):
-    """The GRPO objective one token at a time, in float64 python numbers."""
+def slow_grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_low, clip_high, beta, agg, max_tokens,
+                   sequence_ratio=False, policy_mask=None):
+    """The GRPO objective one token at a time, in float64 python numbers. sequence_ratio: GSPO's ratio, the
+    geometric mean of the sequence's token ratios (its trained tokens). policy_mask: tokens whose clipped
+    term counts (the KL term counts on every trained token)."""
     N, T = len(logp), len(logp[0])
     per_sequence, total, tokens = [], 0.0, 0
     for i in range(N):
         sequence_sum, count = 0.0, 0
+        trained = [t for t in range(T) if mask[i][t]]
+        geometric_mean = math.prod(math.exp(logp[i][t] - old_logp[i][t]) for t in trained) ** (1 / max(len(trained), 1))
         for t in range(T):
             if not mask[i][t]:
                 continue
-            ratio = math.exp(logp[i][t] - old_logp[i][t])
+            ratio = geometric_mean if sequence_ratio else math.exp(logp[i][t] - old_logp[i][t])
             clipped = min(max(ratio, 1 - clip_low), 1 + clip_high)
             objective = min(ratio * advantages[i], clipped * advantages[i])
+            if policy_mask is not None and not policy_mask[i][t]:
+                objective = 0.0
             if beta:
                 d = ref_logp[i][t] - logp[i][t]
                 objective -= beta * (math.exp(d) - d - 1)
@@ -226,6 +259,68 @@ def test_grpo_loss_gradient_matches_autograd_of_the_loop():
                    - slow_grpo_loss(down.tolist(), old_logp.tolist(), ref_logp.tolist(), advantages.tolist(),
                                     mask.tolist(), 0.2, 0.28, 0.1, "token", T)) / (2 * epsilon)
         assert float(gradient[i, t]) == pytest.approx(numeric, rel=1e-5, abs=1e-8)
+
+
+@pytest.mark.parametrize("agg", ["seq", "token", "dr_grpo"])
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+def test_sequence_ratio_and_policy_mask_match_the_loop_in_value_and_gradient(agg, ratio_level):
+    torch.manual_seed(4)
+    N, T = 6, 7
+    logp = (torch.randn(N, T) - 2).double().requires_grad_()
+    shift = torch.tensor([[0.5], [-0.4], [0.0], [0.05], [0.3], [-0.6]]).double()  # sequence ratios in and out of the clip range
+    old_logp = logp.detach() + shift + torch.randn(N, T).double() * 0.3
+    ref_logp = logp.detach() + torch.randn(N, T).double() * 0.3
+    advantages = torch.randn(N).double()
+    mask = (torch.rand(N, T) > 0.25).double()
+    mask[2] = 0  # a sequence with no trained token
+    policy_mask = mask * (torch.rand(N, T) > 0.5).double()
+    slow = lambda lp: slow_grpo_loss(lp.tolist(), old_logp.tolist(), ref_logp.tolist(), advantages.tolist(),  # noqa: E731
+                                     mask.tolist(), 0.2, 0.28, 0.05, agg, T, ratio_level == "sequence", policy_mask.tolist())
+    loss, stats = grpo.grpo_loss(logp, old_logp, ref_logp, advantages, mask, 0.2, 0.28, 0.05, agg,
+                                 grpo.loss_denominator(mask, agg, T), ratio_level, policy_mask)
+    assert float(loss.detach()) == pytest.approx(slow(logp.detach()), rel=1e-9, abs=1e-12)
+    if ratio_level == "sequence":
+        assert 0 < stats["clip_frac"] < 1  # whole sequences clipped
+    (gradient,) = torch.autograd.grad(loss, logp)
+    epsilon = 1e-6  # central differences of the slow loop
+    for i, t in [(0, 0), (1, 3), (3, 4), (5, 6), (2, 1)]:
+        up, down = logp.detach().clone(), logp.detach().clone()
+        up[i, t] += epsilon
+        down[i, t] -= epsilon
+        assert float(gradient[i, t]) == pytest.approx((slow(up) - slow(down)) / (2 * epsilon), rel=1e-5, abs=1e-8)
+
+
+@pytest.mark.parametrize("agg", ["seq", "token", "dr_grpo"])
+def test_sequence_ratio_gives_the_token_level_gradient_with_one_update_per_batch(agg):
+    # μ = 1: old = logp.detach(), so every ratio is 1 and d s_i = s_i · mean_t d logp_it; summed over the
+    # sequence's |o_i| equal terms, that is the token-level gradient Σ_t d logp_it, for every aggregation.
+    torch.manual_seed(5)
+    logp = (torch.randn(5, 8) - 2).requires_grad_()
+    ref_logp, advantages = logp.detach() + 0.1 * torch.randn(5, 8), torch.randn(5)
+    mask = (torch.rand(5, 8) > 0.3).float()
+    gradients = []
+    for ratio_level in ("token", "sequence"):
+        loss, _ = grpo.grpo_loss(logp, logp.detach(), ref_logp, advantages, mask, beta=0.04, agg=agg, ratio_level=ratio_level)
+        gradients.append(torch.autograd.grad(loss, logp)[0])
+    assert torch.allclose(gradients[0], gradients[1], atol=1e-7) and gradients[0].abs().sum() > 0
+
+
+def test_high_entropy_mask_keeps_the_top_fraction_of_trained_tokens_by_hand():
+    entropy = torch.tensor([[0.9, 0.1, 0.5, 0.7, 2.0],
+                            [0.3, 0.8, 0.6, 0.2, 0.0],
+                            [1.5, 0.4, 0.05, 1.0, 3.0]])
+    loss_mask = torch.tensor([[1, 1, 1, 1, 0],  # 2.0 and 3.0 are not trained: they must not count
+                              [1, 1, 1, 1, 1],
+                              [1, 1, 1, 1, 0]]).float()
+    # 13 trained tokens; ρ = 0.2 keeps ⌈2.6⌉ = 3: 1.5, 1.0 and 0.9.
+    assert grpo.high_entropy_mask(entropy, loss_mask, 0.2).tolist() == [[1, 0, 0, 0, 0], [0, 0, 0, 0, 0],
+                                                                         [1, 0, 0, 1, 0]]
+    # ρ = 0.5 keeps ⌈6.5⌉ = 7: also 0.8, 0.7, 0.6 and 0.5.
+    assert grpo.high_entropy_mask(entropy, loss_mask, 0.5).tolist() == [[1, 0, 1, 1, 0], [0, 1, 1, 0, 0],
+                                                                         [1, 0, 0, 1, 0]]
+    assert torch.equal(grpo.high_entropy_mask(entropy, loss_mask, 1.0), loss_mask)
+    ties = torch.tensor([[1.0, 1.0, 1.0, 0.5]])
+    assert grpo.high_entropy_mask(ties, torch.ones(1, 4), 0.25).tolist() == [[1, 1, 1, 0]]  # ties are kept
 
 
 def test_kl_is_zero_when_policies_match():
@@ -334,6 +429,52 @@ def test_logprobs_match_the_models_own_logits_at_the_sampling_temperature(tiny_m
     mask = batch["completion_mask"].bool()
     assert torch.allclose(ours[mask].double(), reference[mask], atol=1e-4)
     assert (ours[~mask] == 0).all()
+
+
+def test_policy_entropy_matches_the_models_own_logits_and_is_logged_over_trained_tokens(tiny_model_dir,
+                                                                                      model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    randomize_lora(model)
+    args = tiny_args(tiny_model_dir, beta=0.0, micro_batch=3)  # 3 does not divide 8: token weighting matters
+    batch = rollout_batch(model, tokenizer, args)
+    batch["loss_mask"][1] = 0  # not trained: not in the logged mean
+    logp, entropy = grpo.batch_logprobs(model, batch, args, 0.7, with_entropy=True)
+    assert torch.equal(logp, grpo.batch_logprobs(model, batch, args, 0.7))
+    input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    attention = torch.cat([batch["prompt_mask"], torch.ones_like(batch["completion_ids"])], 1)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=attention,
+                       position_ids=(attention.cumsum(1) - 1).clamp(min=0)).logits.double()
+    P = batch["prompt_ids"].shape[1]
+    log_p = torch.log_softmax(logits[:, P - 1 : -1] / 0.7, -1)  # [N, T, V] float64
+    reference = -(log_p.exp() * log_p).sum(-1)
+    mask = batch["completion_mask"].bool()
+    assert torch.allclose(entropy[mask].double(), reference[mask], atol=1e-4) and (entropy[~mask] == 0).all()
+    stats = grpo.accumulate_gradients(model, batch, args, 0.7, grpo.loss_denominator(batch["loss_mask"], "seq"))
+    assert stats["entropy"] == pytest.approx(float(reference[batch["loss_mask"].bool()].mean()), abs=1e-5)
+
+
+def test_high_entropy_tokens_and_sequence_ratio_are_exact_under_micro_batching(tiny_model_dir, model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    randomize_lora(model)
+    args = tiny_args(tiny_model_dir, beta=0.04, ratio_level="sequence")
+    batch = rollout_batch(model, tokenizer, args)
+    batch["ref_logp"] = grpo.batch_logprobs(model, batch, args, 1.0, reference=True)
+    logp, entropy = grpo.batch_logprobs(model, batch, args, 1.0, with_entropy=True)
+    batch["old_logp"] = logp + 0.2 * torch.randn(logp.shape) * batch["completion_mask"]  # μ > 1: ratios away from 1
+    denominator = grpo.loss_denominator(batch["loss_mask"], "seq")
+    grads = []
+    for policy_mask in (None, grpo.high_entropy_mask(entropy, batch["loss_mask"], 0.3)):
+        if policy_mask is not None:
+            batch["policy_mask"] = policy_mask
+        for micro_batch in (8, 3):
+            model.zero_grad(set_to_none=True)
+            grpo.accumulate_gradients(model, batch, dataclasses.replace(args, micro_batch=micro_batch), 1.0, denominator)
+            grads.append(lora_grads(model))
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-7), name
+        assert torch.allclose(grads[2][name], grads[3][name], rtol=1e-4, atol=1e-7), name
+    assert any(not torch.allclose(grads[0][n], grads[2][n], rtol=1e-2) for n in grads[0])  # the mask matters
 
 
 def test_micro_batches_give_the_same_gradient_as_the_whole_batch(tiny_model_dir, model_and_tokenizer):
@@ -601,6 +742,8 @@ def test_bad_input_gets_one_clear_line(tiny_model_dir, tmp_path):
     assert "--micro-batch" in error_of(dataclasses.replace(base, micro_batch=0))
     assert "more than the 4 items" in error_of(dataclasses.replace(base, prompts_per_step=5))
     assert "--agg" in error_of(dataclasses.replace(base, agg="mean"))
+    assert "--ratio-level" in error_of(dataclasses.replace(base, ratio_level="geometric"))
+    assert "--top-entropy-quantile 0" in error_of(dataclasses.replace(base, top_entropy_quantile=0.0))
     assert "not a local model directory" in error_of(dataclasses.replace(base, model=str(tmp_path / "no-such-model")))
 
 
@@ -973,6 +1116,12 @@ def test_variants_drop_zero_std_groups_and_mask_or_penalise_truncation(tiny_mode
     # Dynamic sampling: real (all-zero) rewards from the untrained model -> every group has zero std.
     dropped = grpo.main(tiny_args(tiny_model_dir, run_name="drop", drop_zero_std_groups=True, **common))
     assert dropped["metrics"][0]["groups/dropped"] == 2 and dropped["metrics"][0]["loss/trained_tokens"] == 0
+    # GSPO with μ = 2 and high-entropy tokens: the second update's sequence ratios moved off 1 (old pass used).
+    gspo = run_main_with_random_rewards(tiny_args(tiny_model_dir, run_name="gspo", ratio_level="sequence",
+                                                  num_iterations=2, top_entropy_quantile=0.3, **common))
+    record = gspo["metrics"][0]
+    assert record["loss/ratio_mean"] != pytest.approx(1.0, abs=1e-6) and record["loss/trained_tokens"] == 2 * 4 * 4
+    assert 0 < record["policy/entropy"] <= math.log(151_936) and kept["metrics"][0]["policy/entropy"] > 0
 
 
 def test_eval_only_reports_strict_lenient_and_format_and_plot_draws_a_png(saved_run, capsys):
@@ -1166,9 +1315,13 @@ def run_distributed(tmp_path, args, ranks, env_extra=None, timeout=300):
     return process, output
 
 
-def test_two_ranks_give_the_same_adapter_as_one_process_on_the_same_global_batch(tiny_model_dir, gsm8k_few, tmp_path):
+# --top-entropy-quantile: the threshold is over both ranks' tokens (a per-rank one fails this test). The random
+# model's entropies are all near log V, closer than the two layouts' rounding: a low temperature spreads them.
+@pytest.mark.parametrize("variant", [{}, {"top_entropy_quantile": 0.4, "temperature": 0.05}])
+def test_two_ranks_give_the_same_adapter_as_one_process_on_the_same_global_batch(tiny_model_dir, gsm8k_few, tmp_path,
+                                                                                 variant):
     args = tiny_args(tiny_model_dir, data=gsm8k_few, out_dir=str(tmp_path), prompts_per_step=4, group_size=3,
-                     max_new_tokens=8, micro_batch=5, steps=1, agg="token", beta=0.04, lr=1e-3, max_grad_norm=0)
+                     max_new_tokens=8, micro_batch=5, steps=1, agg="token", beta=0.04, lr=1e-3, max_grad_norm=0, **variant)
     one, one_path = run_distributed(tmp_path, dataclasses.replace(args, run_name="one"), ranks=1)
     assert one.returncode == 0, one.stderr[-3000:]
     two, two_path = run_distributed(tmp_path, dataclasses.replace(args, run_name="two"), ranks=2)

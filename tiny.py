@@ -5,6 +5,7 @@ Tiny random Qwen2 models and a toy task, for CPU runs and the tests (no download
     python tiny.py model runs/tiny-qwen --tokenizer DIR    # the same with a real tokenizer (e.g. Qwen2.5's)
     python tiny.py learn                                    # watch GRPO learn the toy task on a CPU
     python tiny.py cpu-demo                                 # the README's CPU side by side (two samplers)
+    python tiny.py curves                                   # README's variant table and docs/learning_curve.png
 
 The models are saved like any Hugging Face model, so grpo.py loads them through exactly the path it
 uses for Qwen2.5-14B (4-bit NF4 + LoRA).
@@ -160,6 +161,71 @@ def cpu_demo(argv):
                                             "generate_s": [round(m["time/generate_s"], 1) for m in metrics]}), flush=True)
 
 
+# `python tiny.py curves`: the README's variant table (3 seeds each) and docs/learning_curve.png.
+VARIANTS = {"default": [], "agg token": ["--agg", "token"], "agg dr_grpo": ["--agg", "dr_grpo"], "beta 0": ["--beta", "0"],
+            "ratio-level sequence": ["--ratio-level", "sequence"], "top-entropy-quantile 0.2": ["--top-entropy-quantile", "0.2"],
+            "control: lr 0": ["--lr", "0"], "control: advantages negated": []}
+
+
+def curves(argv):
+    """python tiny.py curves [--seeds 0 1 2] [--variants NAME ...] [--out docs/learning_curve.png] [--work-dir DIR]"""
+    import argparse
+    import statistics
+    import tempfile
+
+    import grpo
+    parser = argparse.ArgumentParser(usage=curves.__doc__)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--out", default="docs/learning_curve.png")
+    parser.add_argument("--work-dir", default="")
+    a = parser.parse_args(argv)
+    work_dir, runs = a.work_dir or tempfile.mkdtemp(prefix="tiny-curves-"), {}
+    group_advantages = grpo.group_advantages
+    for name in a.variants:
+        for seed in a.seeds:
+            if name == "control: advantages negated":  # a sign bug, on purpose (as the test injects it)
+                grpo.group_advantages = lambda *x, **k: -group_advantages(*x, **k)
+            args = learn_args(work_dir, ["--seed", str(seed), "--run-name", f"{name}-{seed}".replace(" ", "_").replace(":", "")]
+                              + VARIANTS[name], model_seed=seed)
+            try:
+                runs[name, seed] = [m for m in grpo.main(args)["metrics"] if "reward/mean" in m]
+            finally:
+                grpo.group_advantages = group_advantages
+
+    def spread(values, digits):
+        return " / ".join("never" if v is None else f"{v:.{digits}f}" for v in
+                          (min(values), statistics.median(values), max(values))) if None not in values else "never"
+    print("| variant | steps to 0.9 (min / median / max) | seconds to 0.9 | last-10 reward | first 2 steps | last-10 entropy |")
+    for name in a.variants:
+        ms = [runs[name, seed] for seed in a.seeds]
+        s = [summarize(m) for m in ms]
+        mean = lambda m, key, part: sum(r[key] for r in part(m)) / len(part(m))  # noqa: E731
+        print(f"| {name} | {spread([x['steps_to_threshold'] for x in s], 0)} | {spread([x['seconds_to_threshold'] for x in s], 1)} "
+              f"| {spread([mean(m, 'reward/mean', lambda m: m[-10:]) for m in ms], 3)} "
+              f"| {spread([mean(m, 'reward/mean', lambda m: m[:2]) for m in ms], 3)} "
+              f"| {spread([mean(m, 'policy/entropy', lambda m: m[-10:]) for m in ms], 2)} |")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, (reward_axis, entropy_axis) = plt.subplots(1, 2, figsize=(12, 4))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for (name, color) in zip(a.variants, colors):
+        for i, seed in enumerate(a.seeds):
+            steps = [m["step"] for m in runs[name, seed]]
+            label = f"{name} ({len(a.seeds)} seeds)" if i == 0 else None
+            reward_axis.plot(steps, [m["reward/mean"] for m in runs[name, seed]], color=color, alpha=0.7, lw=1, label=label)
+            entropy_axis.plot(steps, [m["policy/entropy"] for m in runs[name, seed]], color=color, alpha=0.7, lw=1)
+    reward_axis.axhline(0.9, color="black", lw=0.8, ls=":")
+    reward_axis.set(title="mean reward", xlabel="step")
+    entropy_axis.set(title="policy entropy (nats, mean over trained tokens)", xlabel="step")
+    reward_axis.legend(fontsize=7)
+    figure.suptitle("tiny.py curves: random 2-layer Qwen2, 4-bit + LoRA, CPU")
+    figure.tight_layout()
+    figure.savefig(a.out, dpi=100)
+    print(f"wrote {a.out}")
+
+
 if __name__ == "__main__":
     command = sys.argv[1] if len(sys.argv) > 1 else "learn"
     if command == "model":
@@ -169,5 +235,8 @@ if __name__ == "__main__":
         learn(sys.argv[2:])
     elif command == "cpu-demo":
         cpu_demo(sys.argv[2:])
+    elif command == "curves":
+        curves(sys.argv[2:])
     else:
-        raise SystemExit(f"usage: python tiny.py model DIR [--tokenizer DIR] | learn [flags] | cpu-demo [flags]  (got {command!r})")
+        raise SystemExit(f"usage: python tiny.py model DIR [--tokenizer DIR] | learn [flags] | cpu-demo [flags] | curves [flags]"
+                         f"  (got {command!r})")
