@@ -555,9 +555,11 @@ def generate(model, tokenizer, prompts, args: Args, eos_ids, temperature, greedy
     chunks, start = [], 0
     # disable=None: tqdm draws only on a terminal, so logs and CI get nothing extra; leave=False: the bar
     # is erased when done, and the one line per step stays as it was. Ticked by a stopping criterion
-    # that generate calls once per decode step and that never stops anything.
+    # that generate calls once per decode step and that never stops anything. Redrawn at every tick
+    # (miniters=1, no minimum interval): a decode step costs far more than a redraw, and the bar then
+    # shows the same thing however fast the machine is.
     bar = tqdm(total=math.ceil(len(prompts) / chunk_size) * args.max_new_tokens, desc=progress, unit="tok",
-               leave=False, file=sys.stderr, disable=None if progress else True)
+               leave=False, file=sys.stderr, disable=None if progress else True, mininterval=0, miniters=1)
     def tick(input_ids, scores, **kwargs):
         bar.update(1)
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
@@ -1408,7 +1410,7 @@ def check_resume_args(path, args: Args):
         fail(f"--resume: the run was made with a different config: {'; '.join(differences)}")
 
 
-def load_checkpoint(path, model, optimizer, scheduler, rank=0, world_size=1) -> dict:
+def load_checkpoint(path, model, optimizer, scheduler, rank=0, world_size=1, log=print) -> dict:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
     try:
@@ -1426,6 +1428,7 @@ def load_checkpoint(path, model, optimizer, scheduler, rank=0, world_size=1) -> 
         fail(f"checkpoint {path} was written by {len(state['rng'])} ranks: resume it with the same number of ranks "
              f"(now {world_size})")
     set_rng_state(state["rng"][rank])
+    log(f"resumed from {path} at step {state['step']}")
     return state
 
 
@@ -1478,10 +1481,7 @@ def main(args: Args):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                                   weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, args))
-    start_step = 0
-    if resume_from:
-        start_step = load_checkpoint(resume_from, model, optimizer, scheduler, rank, world_size)["step"]
-        log(f"resumed {run_dir} from {resume_from} at step {start_step}")
+    start_step = load_checkpoint(resume_from, model, optimizer, scheduler, rank, world_size, log)["step"] if resume_from else 0
     announce_run(args, run_dir, world_size, len(train_items), is_main, log)
     stop, previous_handlers = catch_stop_signals(log)
     history, bad_steps = [], 0
@@ -1497,18 +1497,16 @@ def main(args: Args):
             append_jsonl(os.path.join(run_dir, "metrics.jsonl"), [result])
         report(result)
 
-    def save_before_stopping(completed_steps):
-        """Out of memory with one sequence per micro-batch: keep what the run has done. One process only: the
-        other ranks of a torchrun job wait in a collective and cannot join a save (periodic saves remain)."""
-        if world_size == 1 and completed_steps > 0:
-            log(f"saved {save_checkpoint(run_dir, completed_steps, model, optimizer, scheduler, args, args.keep_last, [rng_state()])}")
     try:
         if eval_items and start_step == 0:  # the base model's score: the "before" of the run
             run_evaluation(0)
         for step in range(start_step, args.steps):
+            # save: out of memory with one sequence per micro-batch keeps what the run has done (one process
+            # only: the other ranks of a torchrun job wait in a collective and cannot join a save).
+            save = (lambda: log(f"saved {save_checkpoint(run_dir, step, model, optimizer, scheduler, args, args.keep_last, [rng_state()])}")
+                    ) if world_size == 1 and step > 0 else None
             result = grpo_step(step, train_items, model, sampler, tokenizer, optimizer, scheduler, args, eos_ids,
-                               pool, bad_steps, rank, world_size, log,
-                               save=lambda: save_before_stopping(step))
+                               pool, bad_steps, rank, world_size, log, save)
             bad_steps = result["bad_steps"]
             if bad_steps >= args.max_bad_steps:
                 fail(f"{bad_steps} non-finite steps in a row: stopping. The last good checkpoint is in "
@@ -1526,10 +1524,9 @@ def main(args: Args):
             if eval_items and args.eval_every > 0 and ((step + 1) % args.eval_every == 0 or last):
                 run_evaluation(step + 1)
             if last or (args.save_every > 0 and (step + 1) % args.save_every == 0):
-                rng_states = all_gather(rng_state())
+                rng_states = all_gather(rng_state())  # a collective: every rank takes part, rank 0 writes
                 if is_main:
-                    path = save_checkpoint(run_dir, step + 1, model, optimizer, scheduler, args, args.keep_last, rng_states)
-                    log(f"saved {path}")
+                    log(f"saved {save_checkpoint(run_dir, step + 1, model, optimizer, scheduler, args, args.keep_last, rng_states)}")
             if stop["requested"]:
                 break
     finally:
