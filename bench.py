@@ -144,11 +144,13 @@ class Peak:
 # gather: naive log_softmax + gather vs grpo.token_logprobs, each in its own process.
 
 
-def naive_token_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=None, memory_mb=512):
+def naive_token_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=None, memory_mb=512, with_entropy=False):
     """What the fused gather replaces: the full [N, V] logits, their log-softmax (kept by autograd for
     backward) and a gather. Same signature as grpo.token_logprobs, so it can stand in for it."""
     logits = (hidden @ weight.T).float() / temperature  # [N, V]
-    return torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)  # [N]
+    log_p = torch.log_softmax(logits, dim=-1)
+    logprobs = log_p.gather(1, targets[:, None]).squeeze(1)  # [N]
+    return (logprobs, -(log_p.exp() * log_p).sum(-1).detach()) if with_entropy else logprobs
 
 
 def gather_inputs(tokens, hidden_size, vocab, dtype, device, seed=0):

@@ -413,19 +413,24 @@ def test_reference_and_policy_logprobs_agree_at_initialization(tiny_model_dir, m
     assert torch.equal(grpo.batch_logprobs(model, batch, args, 1.0, reference=True), reference)
 
 
-def test_logprobs_match_the_models_own_logits_at_the_sampling_temperature(tiny_model_dir, model_and_tokenizer):
-    model, tokenizer = model_and_tokenizer
-    randomize_lora(model)
-    args = tiny_args(tiny_model_dir)
-    batch = rollout_batch(model, tokenizer, args)
-    ours = grpo.batch_logprobs(model, batch, args, temperature=0.7)
+def full_log_softmax64(model, batch, temperature):
+    """The model's own full-vocabulary log-softmax at every completion position, [N, T, V] float64."""
     input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
     attention = torch.cat([batch["prompt_mask"], torch.ones_like(batch["completion_ids"])], 1)
     with torch.no_grad():
         logits = model(input_ids=input_ids, attention_mask=attention,
                        position_ids=(attention.cumsum(1) - 1).clamp(min=0)).logits.double()
     P = batch["prompt_ids"].shape[1]
-    reference = torch.log_softmax(logits[:, P - 1 : -1] / 0.7, -1).gather(2, batch["completion_ids"][..., None]).squeeze(2)
+    return torch.log_softmax(logits[:, P - 1 : -1] / temperature, -1)
+
+
+def test_logprobs_match_the_models_own_logits_at_the_sampling_temperature(tiny_model_dir, model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    randomize_lora(model)
+    args = tiny_args(tiny_model_dir)
+    batch = rollout_batch(model, tokenizer, args)
+    ours = grpo.batch_logprobs(model, batch, args, temperature=0.7)
+    reference = full_log_softmax64(model, batch, 0.7).gather(2, batch["completion_ids"][..., None]).squeeze(2)
     mask = batch["completion_mask"].bool()
     assert torch.allclose(ours[mask].double(), reference[mask], atol=1e-4)
     assert (ours[~mask] == 0).all()
@@ -440,13 +445,7 @@ def test_policy_entropy_matches_the_models_own_logits_and_is_logged_over_trained
     batch["loss_mask"][1] = 0  # not trained: not in the logged mean
     logp, entropy = grpo.batch_logprobs(model, batch, args, 0.7, with_entropy=True)
     assert torch.equal(logp, grpo.batch_logprobs(model, batch, args, 0.7))
-    input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
-    attention = torch.cat([batch["prompt_mask"], torch.ones_like(batch["completion_ids"])], 1)
-    with torch.no_grad():
-        logits = model(input_ids=input_ids, attention_mask=attention,
-                       position_ids=(attention.cumsum(1) - 1).clamp(min=0)).logits.double()
-    P = batch["prompt_ids"].shape[1]
-    log_p = torch.log_softmax(logits[:, P - 1 : -1] / 0.7, -1)  # [N, T, V] float64
+    log_p = full_log_softmax64(model, batch, 0.7)  # [N, T, V] float64
     reference = -(log_p.exp() * log_p).sum(-1)
     mask = batch["completion_mask"].bool()
     assert torch.allclose(entropy[mask].double(), reference[mask], atol=1e-4) and (entropy[~mask] == 0).all()
@@ -1268,7 +1267,7 @@ import torch
 sys.path.insert(0, {root!r})
 import grpo
 
-def fixed_generate(model, tokenizer, prompts, args, eos_ids, temperature, greedy=False, log=print):
+def fixed_generate(model, tokenizer, prompts, args, eos_ids, temperature, greedy=False, log=print, progress=""):
     """Fixed completions, a function of the prompt text and its place in the group, so that one process
     and two ranks train on exactly the same samples (sampling differs per rank by design)."""
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
