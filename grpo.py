@@ -637,12 +637,7 @@ def float32_matmul(a, b):
     this is the float32 product of the same numbers up to summation order, at bf16 GEMM speed, and no
     [V, H] float32 copy of lm_head (3.1 GB at 14B) is made. On CPU the weights are float32 already."""
     if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and b.dtype == a.dtype:
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except torch.OutOfMemoryError:
-            raise
-        except (TypeError, RuntimeError, NotImplementedError):  # a torch without this GEMM: cast instead
-            pass
+        return torch.mm(a, b, out_dtype=torch.float32)  # torch >= 2.11 (requirements.txt); ran on the H200
     return a.float() @ b.float()
 
 
@@ -1099,11 +1094,14 @@ def grpo_step(step, train_items, model, sampler, tokenizer, optimizer, scheduler
                                               model, batch, args, "reference pass", **retry)
     if args.num_iterations > 1 or args.top_entropy_quantile < 1:
         # One pass, adapters on: π_old's log-probs (μ > 1) and its entropies (--top-entropy-quantile).
-        old_logp, entropy = with_memory_retry(lambda: batch_logprobs(model, batch, args, temperature, with_entropy=True),
-                                              model, batch, args, "old log-prob pass", **retry)
+        # The entropies only when --top-entropy-quantile needs them: for μ > 1 alone they are wasted work.
+        select = args.top_entropy_quantile < 1
+        result = with_memory_retry(lambda: batch_logprobs(model, batch, args, temperature, with_entropy=select),
+                                   model, batch, args, "old log-prob pass", **retry)
+        old_logp, entropy = result if select else (result, None)
         if args.num_iterations > 1:
             batch["old_logp"] = old_logp
-        if args.top_entropy_quantile < 1:
+        if select:
             batch["policy_mask"] = high_entropy_mask(entropy, batch["loss_mask"], args.top_entropy_quantile)
     reference_seconds = time.time() - reference_start
 
