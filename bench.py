@@ -375,7 +375,7 @@ def plan_main(a):
 
 # Settings a --variants entry may change; the rest come from the command line.
 VARIANT_KEYS = ("name", "generation_model", "offload_activations", "prompts", "group", "new_tokens", "micro_batch",
-                "steps", "warmup_new_tokens", "reuse_rollout", "generation_chunk")
+                "steps", "warmup_new_tokens", "reuse_rollout", "generation_chunk", "attention")
 
 
 def step_args(a, model_dir, device, variant, new_tokens):
@@ -491,7 +491,7 @@ def step_main(a):
     base = {"name": "", "generation_model": a.generation_model, "offload_activations": a.offload_activations,
             "prompts": a.prompts, "group": a.group, "new_tokens": a.new_tokens, "micro_batch": a.micro_batch,
             "steps": a.steps, "warmup_new_tokens": a.warmup_new_tokens, "reuse_rollout": False,
-            "generation_chunk": a.generation_chunk}
+            "generation_chunk": a.generation_chunk, "attention": ""}
     variants = []
     for v in json.loads(a.variants) if a.variants else [{}]:
         unknown = set(v) - set(VARIANT_KEYS)
@@ -527,6 +527,8 @@ def step_main(a):
         grpo.sequence_logprobs = sequence_logprobs_running_out  # accumulate_gradients looks it up at call time
         for index, v in enumerate(variants):
             sampler = grpo.build_generation_model(model) if v["generation_model"] == "merged" else model
+            if v["attention"]:  # e.g. "sdpa": the merged sampler with transformers' own attention, for the A/B
+                sampler.config._attn_implementation = v["attention"]
             prompts, rng = random_prompts(tokenizer, v["prompts"], a.prompt_tokens, a.seed)
             group_prompts = [q for q in prompts for _ in range(v["group"])]  # groups contiguous, as grpo.main
             name = v["name"] or f"variant {index + 1}"
@@ -546,6 +548,7 @@ def step_main(a):
                                            completion_lengths=completion_lengths)
                 record = {"step": number, "variant": name, "warmup": kind == "warmup", "layers": layers,
                           "sampler": v["generation_model"], "offload": v["offload_activations"],
+                          "attention": sampler.config._attn_implementation if sampler is not model else "policy",
                           "sequences": len(group_prompts), "new_tokens": new_tokens,
                           "reused_rollout": reuse is not None, "device": device.type,
                           "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

@@ -46,6 +46,7 @@ Run it tiny, on a CPU, offline (a random 2-layer Qwen2 and a toy task; see READM
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -402,6 +403,24 @@ def end_of_sequence_ids(model, tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def decode_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """transformers' sdpa attention, except for one query token with grouped KV heads (every decode step):
+    there, sdpa with a padding mask would first copy each KV head to its query heads (repeat_kv: the whole
+    KV cache, 5x at 14B, every layer and step); instead a KV head's query heads become the rows of one
+    query block, query [B, kv_heads, groups, D] against key/value [B, kv_heads, L, D], with no copy. (Newer
+    transformers do the same themselves.) Registered for the dense sampler only (build_generation_model)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    groups = getattr(module, "num_key_value_groups", 1)
+    batch, heads, length, dim = query.shape  # [B, heads, q, D]
+    if length != 1 or groups == 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    # Query head h uses KV head h // groups (repeat_kv's order), so the view groups them under their KV head.
+    grouped = query.view(batch, heads // groups, groups, dim)  # [B, kv_heads, groups, D]
+    # The mask [B, 1, 1, L] (or [B, 1, L] / None) broadcasts over KV heads and groups alike.
+    output = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, scale=scaling)
+    return output.reshape(batch, 1, heads, dim), None  # [B, q=1, heads, D], as sdpa_attention_forward returns
+
+
 @torch.no_grad()
 def build_generation_model(model):
     """A dense copy of the policy for sampling only (--generation-model merged; auto on CUDA). 4-bit decoding pays
@@ -411,8 +430,15 @@ def build_generation_model(model):
     from transformers import AutoModelForCausalLM
     source = model.get_base_model()
     dtype = source.get_output_embeddings().weight.dtype  # the compute dtype: bf16 on GPU, float32 on CPU
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+    # Both registrations are needed: without a mask function of its name, transformers builds no padding mask
+    # at all for an attention it does not know, and left-padded prompts would attend to their padding.
+    AttentionInterface.register("grpo_decode", decode_attention)
+    AttentionMaskInterface.register("grpo_decode", sdpa_mask)
     with torch.device("meta"):
-        dense = AutoModelForCausalLM.from_config(source.config, dtype=dtype)
+        # A copy of the config: from_config would otherwise set the policy's attention to ours as well.
+        dense = AutoModelForCausalLM.from_config(copy.deepcopy(source.config), dtype=dtype, attn_implementation="grpo_decode")
     dense.to_empty(device=source.device)
     for name, module in dense.named_modules():
         original = source.get_submodule(name)

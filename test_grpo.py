@@ -10,6 +10,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -1385,6 +1386,48 @@ def test_merged_sampler_is_the_policy_up_to_rounding_and_follows_updates(tiny_mo
     assert (dense_logprobs(dense, batch)[mask] - updated[mask]).abs().max() > 1e-2
     grpo.refresh_generation_model(model, dense)
     assert (dense_logprobs(dense, batch)[mask] - updated[mask]).abs().max() < 1e-4
+
+
+def test_decode_attention_matches_a_loop_over_heads_in_float64():
+    # One query token per row, 8 query heads sharing 2 KV heads, left padding: a loop over rows and heads,
+    # each head reading its own KV head (h // groups) by index, in float64.
+    generator = torch.Generator().manual_seed(0)
+    batch, heads, kv_heads, length, dim = 3, 8, 2, 7, 16
+    query = torch.randn(batch, heads, 1, dim, generator=generator)
+    key, value = (torch.randn(batch, kv_heads, length, dim, generator=generator) for _ in range(2))
+    visible = torch.ones(batch, length, dtype=torch.bool)
+    visible[0, :3], visible[2, :1] = False, False  # padding on the left of rows 0 and 2
+    module = types.SimpleNamespace(num_key_value_groups=heads // kv_heads)
+    output, _ = grpo.decode_attention(module, query, key, value, visible[:, None, None, :], scaling=dim ** -0.5)
+    assert output.shape == (batch, 1, heads, dim)  # [B, q, heads, D], as transformers' sdpa returns it
+    for b in range(batch):
+        for h in range(heads):
+            k, v, q = key[b, h // (heads // kv_heads)].double(), value[b, h // (heads // kv_heads)].double(), query[b, h, 0].double()
+            scores = [float(q @ k[j]) / math.sqrt(dim) if visible[b, j] else -math.inf for j in range(length)]
+            weights = torch.softmax(torch.tensor(scores, dtype=torch.float64), 0)
+            assert torch.allclose(output[b, 0, h].double(), weights @ v, atol=1e-5)
+
+
+def test_merged_sampler_decodes_padded_prompts_like_transformers_eager_attention(tiny_model_dir, model_and_tokenizer):
+    # The dense sampler uses our decode attention; the same weights with transformers' eager attention must
+    # give the same greedy tokens and scores on prompts of different lengths (left padding), token by token.
+    model, tokenizer = model_and_tokenizer
+    randomize_lora(model, scale=0.5)
+    attention_before = model.config._attn_implementation
+    dense = grpo.build_generation_model(model)
+    assert dense.config._attn_implementation == "grpo_decode"
+    assert model.config._attn_implementation == attention_before  # the policy's own attention is untouched
+    prompts = ["What is 2 + 3?", "Name a colour, any colour you like, and say why."]
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    assert not encoded["attention_mask"].all()  # there is padding
+    settings = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, output_scores=True, return_dict_in_generate=True,
+                    pad_token_id=tokenizer.pad_token_id)
+    ours = dense.generate(**encoded, **settings)
+    dense.config._attn_implementation = "eager"
+    eager = dense.generate(**encoded, **settings)
+    assert torch.equal(ours.sequences, eager.sequences)
+    for a, b in zip(ours.scores, eager.scores):  # min_new_tokens sets EOS to -inf in both
+        assert torch.equal(a.isinf(), b.isinf()) and (a - b)[a.isfinite()].abs().max() < 1e-4
 
 
 def test_merged_sampler_and_activation_offload_run_in_main(tiny_model_dir, gsm8k_few, tmp_path):
