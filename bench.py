@@ -267,6 +267,152 @@ def gather_main(a):
 
 
 # -----------------------------------------------------------------------------
+# decode: what one decode step of the dense sampler costs, by attention and decoding loop.
+
+DECODE_VARIANTS = ("generate-sdpa", "generate", "generate-static", "static-loop", "cuda-graph")
+
+
+def graph_decode(model, prompt_ids, prompt_mask, new_tokens, use_graph, greedy=False):
+    """Sampling without generate: prefill into a preallocated (static) KV cache, then every decode step the
+    same call on fixed buffers (token, position, cache slot, a [B, 1, 1, L] mask), so that on CUDA one step
+    can be captured once as a CUDA graph and replayed (use_graph): no per-layer launch overhead. Plain
+    temperature-1 sampling (greedy: argmax), no EOS stop. Returns the new tokens [B, new_tokens]."""
+    from transformers import StaticCache
+    device = prompt_ids.device
+    batch, P = prompt_ids.shape
+    length = P + new_tokens + 2  # + the two warm-up steps before a capture, which write slots P and P + 1
+    cache = StaticCache(config=model.config, max_cache_len=length)
+    visible = torch.zeros(batch, 1, 1, length, dtype=torch.bool, device=device)  # the decode mask: slot j visible
+    visible[:, 0, 0, :P] = prompt_mask.bool()
+    positions = (prompt_mask.long().cumsum(1) - 1).clamp(min=0)  # left padding: positions start at each prompt
+    pick = (lambda logits: logits.argmax(-1)) if greedy else \
+        (lambda logits: torch.multinomial(torch.softmax(logits.float(), -1), 1)[:, 0])
+    with torch.no_grad():
+        out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, past_key_values=cache,
+                    cache_position=torch.arange(P, device=device), use_cache=True, logits_to_keep=1)
+        token = pick(out.logits[:, -1])
+        step_ids, step_position = token[:, None].clone(), positions[:, -1:] + 1
+        slot = torch.tensor([P], device=device)  # the cache slot this step writes
+
+        def step():
+            visible.index_fill_(3, slot, True)  # the new token sees itself
+            return model(input_ids=step_ids, position_ids=step_position, attention_mask=visible, past_key_values=cache,
+                         cache_position=slot, use_cache=True).logits  # [B, 1, V]
+        if use_graph:
+            lengths = [layer.cumulative_length.clone() for layer in cache.layers]  # where the cache writes next
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up before capture (allocator, cuBLAS workspaces)
+                for _ in range(2):
+                    step()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                graph_logits = step()
+            for layer, saved in zip(cache.layers, lengths):  # undo the warm-up's writes
+                layer.cumulative_length.copy_(saved)
+            visible[:, 0, 0, P:] = False
+        tokens = [token]
+        for _ in range(new_tokens - 1):
+            if use_graph:
+                graph.replay()
+                logits = graph_logits
+            else:
+                logits = step()
+            token = pick(logits[:, -1])
+            tokens.append(token)
+            step_ids.copy_(token[:, None])
+            step_position.add_(1)
+            slot.add_(1)
+    return torch.stack(tokens, 1)
+
+
+def decode_child(a):
+    """One variant in this process: ms per decode step (prefill subtracted) on a random bf16 (CUDA) or float32
+    (CPU) model of the config with --layers blocks, B rows of random prompts with left padding."""
+    from transformers import AttentionInterface, AttentionMaskInterface, AutoConfig, AutoModelForCausalLM
+    from transformers.masking_utils import sdpa_mask
+    device = torch.device(a.device)
+    cuda = device.type == "cuda"
+    synchronize = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+    AttentionInterface.register("grpo_decode", grpo.decode_attention)  # as build_generation_model does
+    AttentionMaskInterface.register("grpo_decode", sdpa_mask)
+    config = AutoConfig.from_pretrained(a.config)
+    if a.layers:
+        config.num_hidden_layers = a.layers
+        if getattr(config, "max_window_layers", None):
+            config.max_window_layers = min(config.max_window_layers, a.layers)
+        if getattr(config, "layer_types", None):
+            config.layer_types = config.layer_types[:a.layers]
+    attention = "sdpa" if a.only == "generate-sdpa" else "grpo_decode"
+    torch.manual_seed(0)
+    with device:
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if cuda else torch.float32,
+                                                 attn_implementation=attention).eval()
+    generator = torch.Generator().manual_seed(0)
+    prompt_ids = torch.randint(1000, min(100000, config.vocab_size), (a.batch, a.prompt_tokens), generator=generator)
+    lengths = torch.randint(max(1, a.prompt_tokens - 40), a.prompt_tokens + 1, (a.batch,), generator=generator)
+    prompt_mask = (torch.arange(a.prompt_tokens)[None, :] >= (a.prompt_tokens - lengths)[:, None]).long()  # left padding
+    prompt_ids, prompt_mask = (prompt_ids * prompt_mask).to(device), prompt_mask.to(device)
+
+    def run(new_tokens, greedy=False):
+        if a.only in ("static-loop", "cuda-graph"):
+            return graph_decode(model, prompt_ids, prompt_mask, new_tokens, a.only == "cuda-graph", greedy)
+        sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
+        cache = dict(cache_implementation="static") if a.only == "generate-static" else {}  # compiled by transformers
+        with torch.no_grad():
+            out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, pad_token_id=0, repetition_penalty=1.0, **sampling, **cache)
+        return out[:, prompt_ids.shape[1]:]
+
+    def timed(new_tokens):
+        synchronize()
+        start = time.perf_counter()
+        run(new_tokens)
+        synchronize()
+        return time.perf_counter() - start
+    record = {"variant": a.only, "attention": attention, "layers": config.num_hidden_layers, "batch": a.batch,
+              "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens, "device": device.type,
+              "gpu": torch.cuda.get_device_name(device) if cuda else "cpu"}
+    if a.check:  # greedy tokens against generate's (sdpa) on the same weights
+        reference = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=a.check,
+                                   min_new_tokens=a.check, do_sample=False, pad_token_id=0)[:, prompt_ids.shape[1]:]
+        record["greedy_tokens_equal_to_generate"] = float((run(a.check, greedy=True) == reference).float().mean())
+    record["first_call_s"] = round(timed(8), 3)  # warm-up: CUDA init, compilation for generate-static
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    prefill, full = timed(1), timed(a.new_tokens)
+    record.update(prefill_s=round(prefill, 3), total_s=round(full, 3),
+                  ms_per_decode_step=round(1000 * (full - prefill) / (a.new_tokens - 1), 2),
+                  peak_gib=round(torch.cuda.max_memory_allocated(device) / GiB, 2) if cuda else None)
+    print(json.dumps(record), flush=True)
+    return record
+
+
+def decode_main(a):
+    if a.only:
+        return decode_child(a)
+    records = []
+    for variant in a.variants.split(","):
+        if variant not in DECODE_VARIANTS:
+            raise SystemExit(f"bench.py: error: --variants: unknown {variant!r}; choose from {', '.join(DECODE_VARIANTS)}")
+        if variant == "cuda-graph" and a.device != "cuda":
+            print(json.dumps({"variant": variant, "skipped": "CUDA graphs need a CUDA device"}), flush=True)
+            continue
+        command = [sys.executable, os.path.abspath(__file__), "decode", "--only", variant, "--config", a.config,
+                   "--layers", str(a.layers), "--batch", str(a.batch), "--prompt-tokens", str(a.prompt_tokens),
+                   "--new-tokens", str(a.new_tokens), "--device", a.device, "--check", str(a.check)]
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+        if result.returncode != 0 or not lines:
+            print(json.dumps({"variant": variant, "failed": result.stderr.strip().splitlines()[-1:]}), flush=True)
+            continue
+        records.append(json.loads(lines[-1]))
+        print(lines[-1], flush=True)
+    return records
+
+
+# -----------------------------------------------------------------------------
 # step: real GRPO steps through grpo.py's functions on a random-weight model.
 
 
@@ -631,7 +777,15 @@ def suite_plan(a, device):
                        "--prompt-tokens", str(a.prompt_tokens), "--new-tokens", str(sizes["new_tokens"]),
                        "--micro-batch", str(a.micro_batch), "--steps", str(steps), "--beta", str(a.beta)])
 
+    def decode(name, layers, variants, check):
+        return (name, [sys.executable, here, "decode", "--config", a.config, "--layers", str(layers), "--device", device.type,
+                       "--batch", str(a.prompts * a.group), "--prompt-tokens", str(a.prompt_tokens + 24),
+                       "--new-tokens", str(a.decode_new_tokens), "--variants", variants, "--check", str(check)])
+
     warm = {"warmup_new_tokens": a.warmup_new_tokens, "steps": 1}
+    # ms per decode step, every decoding variant (bench.py decode); ~280 prompt tokens like the steps' prompts
+    plan.append(decode("decode-slice", a.slice_layers or full_layers, ",".join(DECODE_VARIANTS), a.decode_check))
+    plan.append(decode("decode-full", full_layers, "generate-sdpa,generate,cuda-graph", 0))
     if a.slice_layers:  # the side by side with TRL: same width and vocabulary, fewer layers
         plan.append(ours("slice-ours", a.slice_layers, [{"name": "policy", "steps": 2, **short},
                                                         {"name": "merged", "generation_model": "merged", "steps": 2, **short}]))
@@ -696,6 +850,13 @@ def suite_markdown(results):
     if trl:
         lines += ["", "| TRL measurement | step | seconds | peak GiB |", "| --- | ---: | ---: | ---: |"]
         lines += [f"| {r['measurement']} | {r['step']} | {r['seconds']} | {r['peak_gib']} |" for r in trl]
+    decode = [r for m in results["measurements"] for r in m["records"] if "ms_per_decode_step" in r]
+    if decode:
+        lines += ["", "| decode variant | layers | batch × prompt | ms per decode step | prefill s | first call s | peak GiB | "
+                  "greedy = generate |", "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {r['variant']} ({r['attention']}) | {r['layers']} | {r['batch']} × {r['prompt_tokens']} | "
+                  f"{r['ms_per_decode_step']} | {r['prefill_s']} | {r['first_call_s']} | {r['peak_gib']} | "
+                  f"{r.get('greedy_tokens_equal_to_generate', '-')} |" for r in decode]
     gather = [r for m in results["measurements"] for r in m["records"] if isinstance(r.get("gather"), list)]
     for g in gather:
         lines += ["", f"Gather, {g['tokens']} tokens, H {g['hidden']}, V {g['vocab']}, {g['dtype']} ({g['memory_kind']}):", "",
@@ -846,6 +1007,20 @@ def parse_args(argv=None):
     s.add_argument("--naive-gather", action="store_true", help="use a naive log_softmax + gather instead of the fused one")
     s.add_argument("--allow-eos", action="store_true", help="let completions stop at EOS (default: forced max length)")
     s.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default")
+    d = sub.add_parser("decode", help="ms per decode step of the dense sampler: attention and decoding loop variants",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d.add_argument("--config", required=True, help="config.json of the architecture (random weights)")
+    d.add_argument("--layers", type=int, default=0, help="blocks; 0: the config's")
+    d.add_argument("--batch", type=int, default=128, help="rows decoded together (B·G of a step)")
+    d.add_argument("--prompt-tokens", type=int, default=280, help="padded prompt length (rows: 40 shorter at most)")
+    d.add_argument("--new-tokens", type=int, default=64, help="decode steps timed (prefill subtracted)")
+    d.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    d.add_argument("--variants", default=",".join(DECODE_VARIANTS), help="each in its own process: generate-sdpa "
+                   "(transformers' attention), generate (grpo's decode attention, the merged sampler today), "
+                   "generate-static (cache_implementation=static: transformers compiles the step), static-loop (our "
+                   "own loop on a static cache), cuda-graph (that loop, one step captured as a CUDA graph)")
+    d.add_argument("--check", type=int, default=0, help="> 0: also compare this many greedy tokens with generate's")
+    d.add_argument("--only", choices=DECODE_VARIANTS, default=None, help=argparse.SUPPRESS)  # child
     u = sub.add_parser("suite", help="the full-size GPU measurement in one budgeted command: gather, our step "
                        "(both samplers), TRL side by side on a layer slice, long completions with and without offload",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -870,11 +1045,14 @@ def parse_args(argv=None):
     u.add_argument("--long-new-tokens", type=int, default=2048)
     u.add_argument("--warmup-new-tokens", type=int, default=16, help="full-size steps are preceded by one warm-up "
                    "step with this many new tokens instead of a second full step")
+    u.add_argument("--decode-new-tokens", type=int, default=64, help="decode steps timed by the decode measurements")
+    u.add_argument("--decode-check", type=int, default=16, help="greedy tokens compared with generate's (decode-slice)")
     u.add_argument("--only", default="", help="comma-separated measurement names to run (default: all): gather, "
-                   "slice-ours, slice-trl, full-ours, full-long, slice-long-ours, slice-long-trl, full-policy")
+                   "decode-slice, decode-full, slice-ours, slice-trl, full-ours, full-long, slice-long-ours, "
+                   "slice-long-trl, full-policy")
     return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
     a = parse_args()
-    {"gather": gather_main, "plan": plan_main, "step": step_main, "suite": suite_main}[a.command](a)
+    {"gather": gather_main, "plan": plan_main, "step": step_main, "decode": decode_main, "suite": suite_main}[a.command](a)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import bench
 import grpo
 import tiny
 
@@ -1562,13 +1563,22 @@ def test_suite_bench_writes_every_figure_as_it_goes_and_respects_its_budget(tmp_
     config.write_text(json.dumps(TINY_CONFIG))
     out = tmp_path / "suite"
     sizes = ["--prompts", "2", "--group", "2", "--prompt-tokens", "8", "--new-tokens", "4", "--micro-batch", "4",
-             "--long-prompts", "1", "--long-new-tokens", "8", "--warmup-new-tokens", "2", "--gather-tokens", "64"]
+             "--long-prompts", "1", "--long-new-tokens", "8", "--warmup-new-tokens", "2", "--gather-tokens", "64",
+             "--decode-new-tokens", "4", "--decode-check", "6"]
     run_bench("suite", "--config", str(config), "--tokenizer", str(TOKENIZER), "--device", "cpu", "--out", str(out),
               "--models-dir", str(tmp_path / "models"), "--slice-layers", "1", "--budget-s", "600",
-              "--only", "gather,slice-trl,full-ours,full-long", *sizes, timeout=600)
+              "--only", "gather,decode-slice,slice-trl,full-ours,full-long", *sizes, timeout=600)
     results = json.loads((out / "suite.json").read_text())
     by_name = {m["name"]: m for m in results["measurements"]}
-    assert list(by_name) == ["gather", "slice-trl", "full-ours", "full-long"]
+    assert list(by_name) == ["gather", "decode-slice", "slice-trl", "full-ours", "full-long"]
+    # Every decoding variant that runs on a CPU samples greedily exactly what generate does (our own loop on a
+    # static cache included: its positions, cache slots and mask); CUDA graphs need CUDA and say so.
+    decode = {r["variant"]: r for r in by_name["decode-slice"]["records"]}
+    assert set(decode) == set(bench.DECODE_VARIANTS)
+    assert decode["cuda-graph"]["skipped"].startswith("CUDA graphs need")
+    for variant in ("generate-sdpa", "generate", "generate-static", "static-loop"):
+        assert decode[variant]["greedy_tokens_equal_to_generate"] == 1.0 and decode[variant]["ms_per_decode_step"] > 0
+    assert decode["static-loop"]["layers"] == 1 and decode["static-loop"]["batch"] == 4
     assert by_name["slice-trl"]["note"].startswith("skipped: the TRL anchor needs a CUDA GPU")
     gather = next(r for r in by_name["gather"]["records"] if isinstance(r.get("gather"), list))
     assert [row["impl"] for row in gather["gather"]] == ["naive", "fused", "fused-copy"]
