@@ -573,6 +573,8 @@ def bench_step(model, sampler, tokenizer, prompts, args, eos_ids, optimizer, rng
             with phase("generation"):
                 rollout = grpo.generate(sampler, tokenizer, prompts, args, eos_ids, args.temperature)
             chunk = rollout.get("generation_chunk")
+            if sampler is not model:
+                grpo.release_generation_model(model, sampler)  # as grpo_step: refreshed after the update
         if completion_lengths:  # GSM8K-like lengths for the training passes: an EOS where each one ends
             for i in range(len(prompts)):
                 rollout["completion_ids"][i, min(args.max_new_tokens, rng.choice(completion_lengths)) - 1] = eos_ids[0]

@@ -426,7 +426,8 @@ def build_generation_model(model):
     """A dense copy of the policy for sampling only (--generation-model merged; auto on CUDA). 4-bit decoding pays
     a dequantize + two LoRA matmuls per linear per token; a dense copy decodes with plain GEMMs (measured on an
     H200, 8-layer slice of 14B, 128 x 256 tokens: 5.0 s vs 8.3 s; README Performance). Costs 2 bytes per
-    block weight (26 GB at 14B); embeddings, norms and lm_head are shared with the policy, not copied."""
+    block weight (26 GB at 14B) while it samples (released for the training passes); embeddings, norms and
+    lm_head are shared with the policy, not copied."""
     from transformers import AutoModelForCausalLM
     source = model.get_base_model()
     dtype = source.get_output_embeddings().weight.dtype  # the compute dtype: bf16 on GPU, float32 on CPU
@@ -453,22 +454,38 @@ def build_generation_model(model):
     return refresh_generation_model(model, dense.eval())
 
 
-@torch.no_grad()
-def refresh_generation_model(model, dense):
-    """W = dequantize(W_nf4) + scaling·(B @ A) for every LoRA linear: the current policy, densely.
-    Called after every optimizer step, before the next rollout."""
-    import bitsandbytes as bnb
+def merged_linears(model, dense):
+    """(dense Linear, its 4-bit + LoRA original) for every LoRA linear: the weights the dense copy owns."""
     source = model.get_base_model()
     for name, module in dense.named_modules():
         original = source.get_submodule(name)
         if isinstance(module, torch.nn.Linear) and hasattr(original, "base_layer"):
-            base = original.base_layer.weight
-            weight = bnb.functional.dequantize_4bit(base.data, base.quant_state).float()  # [out, in]
-            for adapter in original.active_adapters:
-                weight += original.scaling[adapter] * (original.lora_B[adapter].weight.float()
-                                                       @ original.lora_A[adapter].weight.float())
-            module.weight.data.copy_(weight)  # rounded to the compute dtype once, here
+            yield module, original
+
+
+@torch.no_grad()
+def refresh_generation_model(model, dense):
+    """W = dequantize(W_nf4) + scaling·(B @ A) for every LoRA linear: the current policy, densely.
+    Called after every optimizer step, before the next rollout (re-allocating what release freed)."""
+    import bitsandbytes as bnb
+    for module, original in merged_linears(model, dense):
+        base = original.base_layer.weight
+        weight = bnb.functional.dequantize_4bit(base.data, base.quant_state).float()  # [out, in]
+        for adapter in original.active_adapters:
+            weight += original.scaling[adapter] * (original.lora_B[adapter].weight.float()
+                                                   @ original.lora_A[adapter].weight.float())
+        if module.weight.numel() == 0:  # freed by release_generation_model for the training passes
+            module.weight.data = torch.empty(weight.shape, dtype=module.weight.dtype, device=weight.device)
+        module.weight.data.copy_(weight)  # rounded to the compute dtype once, here
     return dense
+
+
+def release_generation_model(model, dense):
+    """Frees the dense copy's own weights once the rollout is sampled (2 bytes per block weight: 26 GB at
+    14B), so the reference and training passes do not hold them; refresh_generation_model allocates them
+    again after the update. Shared tensors (embeddings, norms, lm_head) are the policy's and stay."""
+    for module, _ in merged_linears(model, dense):
+        module.weight.data = torch.empty(0, dtype=module.weight.dtype, device=module.weight.device)
 
 
 # -----------------------------------------------------------------------------
@@ -1101,6 +1118,8 @@ def grpo_step(step, train_items, model, sampler, tokenizer, optimizer, scheduler
     rollout = generate(sampler, tokenizer, prompts, args, eos_ids, temperature, log=log,
                        progress=f"step {step + 1} generate" if rank == 0 else "")
     generate_seconds = time.time() - step_start
+    if sampler is not model:
+        release_generation_model(model, sampler)  # not needed until the refresh after the update
 
     # 3. Rewards: verify.py's verdicts, weighted.
     scores = score(rollout["texts"], group_items, args, pool)

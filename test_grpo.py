@@ -1431,12 +1431,26 @@ def test_merged_sampler_decodes_padded_prompts_like_transformers_eager_attention
         assert torch.equal(a.isinf(), b.isinf()) and (a - b)[a.isfinite()].abs().max() < 1e-4
 
 
-def test_merged_sampler_and_activation_offload_run_in_main(tiny_model_dir, gsm8k_few, tmp_path):
+def test_merged_sampler_and_activation_offload_run_in_main(tiny_model_dir, gsm8k_few, tmp_path, monkeypatch):
     common = dict(data=gsm8k_few, out_dir=str(tmp_path), steps=2, lr_schedule="constant", seed=4)
     plain = run_main_with_random_rewards(tiny_args(tiny_model_dir, run_name="plain", **common))
     offload = run_main_with_random_rewards(tiny_args(tiny_model_dir, run_name="offload", offload_activations=True, **common))
+    # Watch the dense copy main builds: while the policy trains it must hold none of its own block weights
+    # (the 26 GB at 14B), counted here by module name; the embeddings and lm_head it shares stay.
+    dense_models, held_while_training = [], []
+    build, accumulate = grpo.build_generation_model, grpo.accumulate_gradients
+    monkeypatch.setattr(grpo, "build_generation_model", lambda model: dense_models.append(build(model)) or dense_models[-1])
+
+    def watched_accumulate(*positional, **keywords):
+        held_while_training.append(sum(m.weight.numel() for name, m in dense_models[0].named_modules()
+                                       if ".layers." in f".{name}" and isinstance(m, torch.nn.Linear)))
+        return accumulate(*positional, **keywords)
+    monkeypatch.setattr(grpo, "accumulate_gradients", watched_accumulate)
     merged = run_main_with_random_rewards(tiny_args(tiny_model_dir, run_name="merged", generation_model="merged", **common))
     assert [m["step"] for m in merged["metrics"]] == [1, 2]
+    assert len(held_while_training) == 2 and held_while_training == [0, 0]
+    assert dense_models[0].model.layers[0].mlp.up_proj.weight.numel() > 0  # allocated again by the refresh
+    assert dense_models[0].lm_head.weight.numel() > 0
     # Offload moves saved tensors and changes no formula; the dense copy's float32 probabilities equal the
     # policy's to ~1e-6. So, with the same seed, all three runs draw the very same completions at both steps
     # (a stale dense copy would not) and train to the same adapters. "The same" up to float32 rounding: a
