@@ -1,5 +1,5 @@
 """
-bench.py -- measurements behind the README's Performance section. Four subcommands:
+bench.py -- measurements behind the README's Performance section. Five subcommands:
 
   python bench.py gather [--tokens 4096 --hidden 128 --vocab 151936 --dtype float32]
       The log-prob gather alone, forward + backward (hidden gets a gradient, the lm_head weight does
@@ -39,6 +39,16 @@ bench.py -- measurements behind the README's Performance section. Four subcomman
       GSM8K's reference answers (calculator annotations <<...>> removed) × --length-scale, capped at
       --new-tokens.
 
+  python bench.py decode --config CONFIG.json [--layers 48 --batch 128 --prompt-tokens 280 --new-tokens 64
+                         --variants generate-sdpa,generate,generate-static,static-loop,cuda-graph --check 16]
+      One decode step of the dense (merged) sampler alone, in ms, per variant, each in its own process:
+      generate with transformers' sdpa attention or with grpo.decode_attention (the merged sampler's),
+      generate with a static cache (transformers compiles the step), and graph_generate, our own loop on a
+      static cache with fixed buffers, eagerly (static-loop) or with one decode step captured as a CUDA
+      graph and replayed (cuda-graph). --check compares greedy tokens with generate's. graph_generate also
+      stands in for the sampler's generate in `bench.py step` (--variants '[{"generation_model": "merged",
+      "decode": "cuda-graph"}]') to time whole steps with it.
+
   python bench.py suite [--config ../shared/qwen2.5-14b/config.json --budget-s 480 --out runs/suite
                         --slice-layers 8 --only NAMES]
       The whole GPU measurement as one budgeted command (README "Full size on a GPU"): the gather at the
@@ -60,6 +70,7 @@ import contextlib
 import functools
 import gc
 import json
+import math
 import os
 import random
 import resource
@@ -272,25 +283,46 @@ def gather_main(a):
 DECODE_VARIANTS = ("generate-sdpa", "generate", "generate-static", "static-loop", "cuda-graph")
 
 
-def graph_decode(model, prompt_ids, prompt_mask, new_tokens, use_graph, greedy=False):
-    """Sampling without generate: prefill into a preallocated (static) KV cache, then every decode step the
-    same call on fixed buffers (token, position, cache slot, a [B, 1, 1, L] mask), so that on CUDA one step
-    can be captured once as a CUDA graph and replayed (use_graph): no per-layer launch overhead. Plain
-    temperature-1 sampling (greedy: argmax), no EOS stop. Returns the new tokens [B, new_tokens]."""
-    from transformers import StaticCache
-    device = prompt_ids.device
-    batch, P = prompt_ids.shape
-    length = P + new_tokens + 2  # + the two warm-up steps before a capture, which write slots P and P + 1
+def graph_generate(model, use_graph, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id,
+                   do_sample=True, temperature=1.0, top_p=1.0, logits_processor=(), stopping_criteria=(), **ignored):
+    """A stand-in for model.generate, as grpo.generate calls it (bench.py step --variants decode, and
+    bench.py decode): prefill into a preallocated (static) KV cache, then every decode step is the same call
+    on fixed buffers (token, position, cache slot, a [B, 1, 1, L] mask), so on CUDA one step is captured
+    once as a CUDA graph and replayed (use_graph): no per-layer launch overhead. Sampling as generate's:
+    min_new_tokens (from the model's generation_config), temperature, transformers' top-p, any logits
+    processors; rows that ended get pad; stops when every row has ended. Returns [B, P + new] tokens."""
+    from transformers import StaticCache, TopPLogitsWarper
+    device = input_ids.device
+    batch, P = input_ids.shape
+    eos = torch.tensor(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id], device=device)
+    min_new_tokens = getattr(model.generation_config, "min_new_tokens", None) or 0
+    top_p_warper = TopPLogitsWarper(top_p) if do_sample and top_p < 1.0 else None
+    length = P + max_new_tokens + 2  # + the two warm-up steps before a capture, which write slots P and P + 1
     cache = StaticCache(config=model.config, max_cache_len=length)
     visible = torch.zeros(batch, 1, 1, length, dtype=torch.bool, device=device)  # the decode mask: slot j visible
-    visible[:, 0, 0, :P] = prompt_mask.bool()
-    positions = (prompt_mask.long().cumsum(1) - 1).clamp(min=0)  # left padding: positions start at each prompt
-    pick = (lambda logits: logits.argmax(-1)) if greedy else \
-        (lambda logits: torch.multinomial(torch.softmax(logits.float(), -1), 1)[:, 0])
+    visible[:, 0, 0, :P] = attention_mask.bool()
+    positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)  # left padding: positions start at each prompt
+    sequences = torch.full((batch, P + max_new_tokens), pad_token_id, dtype=input_ids.dtype, device=device)
+    sequences[:, :P] = input_ids
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+
+    def next_token(logits, t):  # logits [B, V] of new token t (0-based) -> token [B]
+        scores = logits.float()
+        if t < min_new_tokens:
+            scores[:, eos] = -math.inf
+        for processor in logits_processor:
+            scores = processor(sequences[:, :P + t], scores)
+        if not do_sample:
+            return scores.argmax(-1)
+        scores = scores / temperature if temperature != 1.0 else scores
+        if top_p_warper is not None:
+            scores = top_p_warper(sequences[:, :P + t], scores)
+        return torch.multinomial(torch.softmax(scores, -1), 1)[:, 0]
+
     with torch.no_grad():
-        out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, past_key_values=cache,
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
                     cache_position=torch.arange(P, device=device), use_cache=True, logits_to_keep=1)
-        token = pick(out.logits[:, -1])
+        token = next_token(out.logits[:, -1], 0)
         step_ids, step_position = token[:, None].clone(), positions[:, -1:] + 1
         slot = torch.tensor([P], device=device)  # the cache slot this step writes
 
@@ -299,32 +331,40 @@ def graph_decode(model, prompt_ids, prompt_mask, new_tokens, use_graph, greedy=F
             return model(input_ids=step_ids, position_ids=step_position, attention_mask=visible, past_key_values=cache,
                          cache_position=slot, use_cache=True).logits  # [B, 1, V]
         if use_graph:
-            lengths = [layer.cumulative_length.clone() for layer in cache.layers]  # where the cache writes next
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
+            # transformers >= 5 advance a cache write counter on device; older ones write at cache_position.
+            counters = [layer.cumulative_length.clone() for layer in cache.layers if hasattr(layer, "cumulative_length")]
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):  # warm-up before capture (allocator, cuBLAS workspaces)
                 for _ in range(2):
                     step()
-            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.current_stream(device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 graph_logits = step()
-            for layer, saved in zip(cache.layers, lengths):  # undo the warm-up's writes
-                layer.cumulative_length.copy_(saved)
+            for layer, saved in zip([l for l in cache.layers if hasattr(l, "cumulative_length")], counters):
+                layer.cumulative_length.copy_(saved)  # undo the warm-up's writes
             visible[:, 0, 0, P:] = False
-        tokens = [token]
-        for _ in range(new_tokens - 1):
+        steps = max_new_tokens
+        for t in range(max_new_tokens):
+            token = torch.where(finished, pad_token_id, token)
+            sequences[:, P + t] = token
+            finished |= torch.isin(token, eos)
+            for criterion in stopping_criteria:  # grpo's progress tick; a True row is done, as in generate
+                finished |= criterion(sequences[:, :P + t + 1], None).to(device)
+            if t == max_new_tokens - 1 or (t % 16 == 15 and bool(finished.all())):  # one sync per 16 steps
+                steps = t + 1
+                break
             if use_graph:
                 graph.replay()
                 logits = graph_logits
             else:
                 logits = step()
-            token = pick(logits[:, -1])
-            tokens.append(token)
+            token = next_token(logits[:, -1], t + 1)
             step_ids.copy_(token[:, None])
             step_position.add_(1)
             slot.add_(1)
-    return torch.stack(tokens, 1)
+    return sequences[:, :P + steps]
 
 
 def decode_child(a):
@@ -355,9 +395,14 @@ def decode_child(a):
     prompt_mask = (torch.arange(a.prompt_tokens)[None, :] >= (a.prompt_tokens - lengths)[:, None]).long()  # left padding
     prompt_ids, prompt_mask = (prompt_ids * prompt_mask).to(device), prompt_mask.to(device)
 
+    model.generation_config.min_new_tokens = None  # set per call below; graph_generate reads it from here
+
     def run(new_tokens, greedy=False):
         if a.only in ("static-loop", "cuda-graph"):
-            return graph_decode(model, prompt_ids, prompt_mask, new_tokens, a.only == "cuda-graph", greedy)
+            model.generation_config.min_new_tokens = new_tokens  # every row runs the full length, as generate's below
+            sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=1.0, top_p=1.0)
+            return graph_generate(model, a.only == "cuda-graph", prompt_ids, prompt_mask, new_tokens, [151643, 151645],
+                                  0, **sampling)[:, prompt_ids.shape[1]:]
         sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
         cache = dict(cache_implementation="static") if a.only == "generate-static" else {}  # compiled by transformers
         with torch.no_grad():
@@ -521,7 +566,7 @@ def plan_main(a):
 
 # Settings a --variants entry may change; the rest come from the command line.
 VARIANT_KEYS = ("name", "generation_model", "offload_activations", "prompts", "group", "new_tokens", "micro_batch",
-                "steps", "warmup_new_tokens", "reuse_rollout", "generation_chunk", "attention")
+                "steps", "warmup_new_tokens", "reuse_rollout", "generation_chunk", "attention", "decode")
 
 
 def step_args(a, model_dir, device, variant, new_tokens):
@@ -639,7 +684,7 @@ def step_main(a):
     base = {"name": "", "generation_model": a.generation_model, "offload_activations": a.offload_activations,
             "prompts": a.prompts, "group": a.group, "new_tokens": a.new_tokens, "micro_batch": a.micro_batch,
             "steps": a.steps, "warmup_new_tokens": a.warmup_new_tokens, "reuse_rollout": False,
-            "generation_chunk": a.generation_chunk, "attention": ""}
+            "generation_chunk": a.generation_chunk, "attention": "", "decode": "generate"}
     variants = []
     for v in json.loads(a.variants) if a.variants else [{}]:
         unknown = set(v) - set(VARIANT_KEYS)
@@ -677,6 +722,11 @@ def step_main(a):
             sampler = grpo.build_generation_model(model) if v["generation_model"] == "merged" else model
             if v["attention"]:  # e.g. "sdpa": the merged sampler with transformers' own attention, for the A/B
                 sampler.config._attn_implementation = v["attention"]
+            if v["decode"] != "generate":  # static-loop | cuda-graph: graph_generate stands in for sampler.generate
+                if sampler is model or v["decode"] not in ("static-loop", "cuda-graph"):
+                    raise SystemExit(f"bench.py: error: decode {v['decode']!r} needs the merged sampler and one of "
+                                     "generate, static-loop, cuda-graph")
+                sampler.generate = functools.partial(graph_generate, sampler, v["decode"] == "cuda-graph")
             prompts, rng = random_prompts(tokenizer, v["prompts"], a.prompt_tokens, a.seed)
             group_prompts = [q for q in prompts for _ in range(v["group"])]  # groups contiguous, as grpo.main
             name = v["name"] or f"variant {index + 1}"
@@ -697,6 +747,7 @@ def step_main(a):
                 record = {"step": number, "variant": name, "warmup": kind == "warmup", "layers": layers,
                           "sampler": v["generation_model"], "offload": v["offload_activations"],
                           "attention": sampler.config._attn_implementation if sampler is not model else "policy",
+                          "decode": v["decode"],
                           "sequences": len(group_prompts), "new_tokens": new_tokens,
                           "reused_rollout": reuse is not None, "device": device.type,
                           "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -792,6 +843,11 @@ def suite_plan(a, device):
         plan.append(ours("slice-ours", a.slice_layers, [{"name": "policy", "steps": 2, **short},
                                                         {"name": "merged", "generation_model": "merged", "steps": 2, **short}]))
         plan.append(trl("slice-trl", a.slice_layers, short, 2))
+    # Our step with the CUDA-graph decoding loop instead of generate (bench.py decode; CPU: the same loop, no graph)
+    graph = {"generation_model": "merged", "decode": "cuda-graph" if device.type == "cuda" else "static-loop"}
+    if a.slice_layers:
+        plan.append(ours("slice-graph", a.slice_layers, [{"name": "graph", "steps": 2, **graph, **short}]))
+    plan.append(ours("full-graph", full_layers, [{"name": "graph", **warm, **graph, **short}]))
     plan.append(ours("full-ours", full_layers, [{"name": "merged", "generation_model": "merged", **warm, **short}]))
     plan.append(ours("full-long", full_layers, [{"name": "long", "generation_model": "merged", **warm, **long},
                                                {"name": "long+offload", "generation_model": "merged", "offload_activations": True,
@@ -843,7 +899,8 @@ def suite_markdown(results):
                   "| --- | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in steps:
             s = r["seconds"]
-            lines.append(f"| {r['measurement']} {r['variant']} step {r['step']} | {r['layers']} | {r['sampler']} | "
+            lines.append(f"| {r['measurement']} {r['variant']} step {r['step']} | {r['layers']} | {r['sampler']}"
+                         f"{'' if r.get('decode', 'generate') == 'generate' else ', ' + r['decode']} | "
                          f"{r['offload']} | {r['sequences']} × {r['new_tokens']}{' (rollout reused)' if r['reused_rollout'] else ''} | "
                          f"{r['step_seconds']:.1f} | {s.get('generation', 0):.1f} | {s.get('reference', 0):.1f} | "
                          f"{s.get('policy', 0):.1f} | {r['peak_gib_max']:.2f} | {r['generated_tokens_per_s'] or '-'} | "
@@ -1050,8 +1107,8 @@ def parse_args(argv=None):
     u.add_argument("--decode-new-tokens", type=int, default=64, help="decode steps timed by the decode measurements")
     u.add_argument("--decode-check", type=int, default=16, help="greedy tokens compared with generate's (decode-slice)")
     u.add_argument("--only", default="", help="comma-separated measurement names to run (default: all): gather, "
-                   "decode-slice, decode-full, slice-ours, slice-trl, full-ours, full-long, slice-long-ours, "
-                   "slice-long-trl, full-policy")
+                   "decode-slice, decode-full, slice-ours, slice-trl, slice-graph, full-graph, full-ours, full-long, "
+                   "slice-long-ours, slice-long-trl, full-policy")
     return parser.parse_args(argv)
 
 

@@ -5,6 +5,7 @@ named as sentences, and the real 4-bit + LoRA path end to end on a tiny random Q
 """
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -1431,6 +1432,36 @@ def test_merged_sampler_decodes_padded_prompts_like_transformers_eager_attention
         assert torch.equal(a.isinf(), b.isinf()) and (a - b)[a.isfinite()].abs().max() < 1e-4
 
 
+def test_bench_decoding_loop_samples_exactly_what_generate_samples(tiny_model_dir, model_and_tokenizer):
+    # bench.py's own decoding loop (a static KV cache and fixed buffers: what a CUDA graph replays) must be a
+    # drop-in for generate as grpo.generate calls it: the same greedy tokens, the same multinomial draws from
+    # the same seed, the same EOS handling (a row that ends is padded, the others go on), prompts of
+    # different lengths (left padding).
+    model, tokenizer = model_and_tokenizer
+    randomize_lora(model, scale=0.5)
+    dense = grpo.build_generation_model(model)
+    prompts = ["What is 2 + 3?", "Name a colour, any colour you like, and say why.", "Count: 1, 2, 3"]
+    for sampler_args in (dict(), dict(cpu_sampler="multinomial")):
+        args = tiny_args(tiny_model_dir, max_new_tokens=10, **sampler_args)
+        eos_ids = grpo.end_of_sequence_ids(model, tokenizer)
+        torch.manual_seed(0)
+        free = grpo.generate(dense, tokenizer, prompts, args, eos_ids, temperature=1.0)
+        eos_ids = eos_ids + [int(free["completion_ids"][0, 3])]  # row 0 now ends at its 4th token
+        runs = []
+        for decode in ("generate", "loop"):
+            if decode == "loop":
+                dense.generate = functools.partial(bench.graph_generate, dense, False)
+            torch.manual_seed(0)
+            runs.append(grpo.generate(dense, tokenizer, prompts, args, eos_ids, temperature=1.0))
+            torch.manual_seed(0)
+            runs.append(grpo.generate(dense, tokenizer, prompts, args, eos_ids, temperature=1.0, greedy=True))
+        del dense.generate  # back to the class's generate
+        for expected, got in ((runs[0], runs[2]), (runs[1], runs[3])):
+            assert torch.equal(got["completion_ids"], expected["completion_ids"])
+            assert torch.equal(got["completion_mask"], expected["completion_mask"]) and got["texts"] == expected["texts"]
+        assert runs[0]["completion_mask"][0].sum() == 4 and runs[0]["completion_mask"][1:].sum() > 8
+
+
 def test_merged_sampler_and_activation_offload_run_in_main(tiny_model_dir, gsm8k_few, tmp_path, monkeypatch):
     common = dict(data=gsm8k_few, out_dir=str(tmp_path), steps=2, lr_schedule="constant", seed=4)
     plain = run_main_with_random_rewards(tiny_args(tiny_model_dir, run_name="plain", **common))
@@ -1581,10 +1612,12 @@ def test_suite_bench_writes_every_figure_as_it_goes_and_respects_its_budget(tmp_
              "--decode-new-tokens", "4", "--decode-check", "6"]
     run_bench("suite", "--config", str(config), "--tokenizer", str(TOKENIZER), "--device", "cpu", "--out", str(out),
               "--models-dir", str(tmp_path / "models"), "--slice-layers", "1", "--budget-s", "600",
-              "--only", "gather,decode-slice,slice-trl,full-ours,full-long", *sizes, timeout=600)
+              "--only", "gather,decode-slice,slice-trl,slice-graph,full-ours,full-long", *sizes, timeout=600)
     results = json.loads((out / "suite.json").read_text())
     by_name = {m["name"]: m for m in results["measurements"]}
-    assert list(by_name) == ["gather", "decode-slice", "slice-trl", "full-ours", "full-long"]
+    assert list(by_name) == ["gather", "decode-slice", "slice-trl", "slice-graph", "full-ours", "full-long"]
+    graph_steps = [r for r in by_name["slice-graph"]["records"] if "step_seconds" in r]
+    assert [(r["decode"], r["generated_tokens"]) for r in graph_steps] == [("static-loop", 2 * 2 * 4)] * 2  # CPU: no graph
     # Every decoding variant that runs on a CPU samples greedily exactly what generate does (our own loop on a
     # static cache included: its positions, cache slots and mask); CUDA graphs need CUDA and say so.
     decode = {r["variant"]: r for r in by_name["decode-slice"]["records"]}
