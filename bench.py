@@ -69,6 +69,7 @@ import argparse
 import contextlib
 import functools
 import gc
+import inspect
 import json
 import math
 import os
@@ -305,6 +306,8 @@ def graph_generate(model, use_graph, input_ids, attention_mask, max_new_tokens, 
     sequences = torch.full((batch, P + max_new_tokens), pad_token_id, dtype=input_ids.dtype, device=device)
     sequences[:, :P] = input_ids
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    # transformers >= 5.24 names the cache argument `cache` (and warns on the old name); older ones past_key_values.
+    cache_argument = {("cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"): cache}
 
     def next_token(logits, t):  # logits [B, V] of new token t (0-based) -> token [B]
         scores = logits.float()
@@ -320,7 +323,7 @@ def graph_generate(model, use_graph, input_ids, attention_mask, max_new_tokens, 
         return torch.multinomial(torch.softmax(scores, -1), 1)[:, 0]
 
     with torch.no_grad():
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, **cache_argument,
                     cache_position=torch.arange(P, device=device), use_cache=True, logits_to_keep=1)
         token = next_token(out.logits[:, -1], 0)
         step_ids, step_position = token[:, None].clone(), positions[:, -1:] + 1
@@ -328,7 +331,7 @@ def graph_generate(model, use_graph, input_ids, attention_mask, max_new_tokens, 
 
         def step():
             visible.index_fill_(3, slot, True)  # the new token sees itself
-            return model(input_ids=step_ids, position_ids=step_position, attention_mask=visible, past_key_values=cache,
+            return model(input_ids=step_ids, position_ids=step_position, attention_mask=visible, **cache_argument,
                          cache_position=slot, use_cache=True).logits  # [B, 1, V]
         if use_graph:
             # transformers >= 5 advance a cache write counter on device; older ones write at cache_position.
