@@ -662,73 +662,94 @@ def score(completions, items, args: Args, pool) -> dict:
 #
 # With V = 152k, the logits of 16 × 2,048 tokens are 20 GB in float32, and autograd would keep
 # their softmax for backward. We only need one number per token: log p(target) = logit[target] -
-# logsumexp(logits). So forward walks the tokens in chunks and keeps logsumexp and the target logit;
-# backward recomputes each chunk's softmax (d logp / d logits = onehot - softmax). The idea is the
-# one behind Liger-Kernel's FusedLinearCrossEntropy and Apple's Cut Cross-Entropy (Wijmans et al.
-# 2024), written here in plain torch: no Triton, no torch.compile.
+# logsumexp(logits). So forward walks the tokens in chunks, keeps the log-prob of each target, and
+# from the same chunk's softmax forms each token's gradient row (d logp / d logits = onehot - softmax,
+# times lm_head): backward only scales those rows. The idea is the one behind Liger-Kernel's
+# FusedLinearCrossEntropy and Apple's Cut Cross-Entropy (Wijmans et al. 2024), written here in plain
+# torch: no Triton, no torch.compile.
 
 
 def gather_chunk_rows(vocab_size, memory_mb) -> int:
-    """Rows per chunk so that a chunk's [rows, V] float32 logits plus one temporary of the same size
-    (inside logsumexp; everything else works in place) fit the memory budget."""
+    """Rows per chunk so that a chunk's [rows, V] float32 logits plus one more buffer of the same size
+    (the exps when entropy is asked, or the 16-bit copy for the GEMM on GPU; all else is in place) fit the
+    memory budget."""
     return max(1, int(memory_mb * 2**20) // (2 * 4 * vocab_size))
 
 
-def float32_matmul(a, b):
+def float32_matmul(a, b, out=None):
     """a @ b as float32, without a float32 copy of a 16-bit operand. On CUDA a bf16 (or fp16) GEMM with
     float32 accumulation and output (torch.mm's out_dtype): bf16 x bf16 products are exact in float32, so
     this is the float32 product of the same numbers up to summation order, at bf16 GEMM speed, and no
-    [V, H] float32 copy of lm_head (3.1 GB at 14B) is made. On CPU the weights are float32 already."""
+    [V, H] float32 copy of lm_head (3.1 GB at 14B) is made. On CPU the weights are float32 already.
+    out: a float32 buffer for the product, CPU only (CUDA's caching allocator makes a fresh one cheap)."""
     if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and b.dtype == a.dtype:
         return torch.mm(a, b, out_dtype=torch.float32)  # torch >= 2.11 (requirements.txt); ran on the H200
-    return a.float() @ b.float()
+    return torch.mm(a.float(), b.float(), out=out)
 
 
 class TokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, chunk_size, with_entropy=False):
+    def forward(ctx, hidden, weight, targets, temperature, chunk_size, with_entropy=False, with_gradient=True):
         # hidden [N, H], weight [V, H] (lm_head, frozen, in the compute dtype), targets [N] -> log-probs [N] float32
-        logsumexp = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        target_logit = torch.empty_like(logsumexp)
-        entropy = torch.empty_like(logsumexp) if with_entropy else None
-        for start in range(0, hidden.shape[0], chunk_size):
+        N, V = hidden.shape[0], weight.shape[0]
+        logprobs = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        entropy = torch.empty_like(logprobs) if with_entropy else None
+        # The gradient is formed here, from the softmax the log-probs need anyway (as Liger-Kernel's fused
+        # linear cross-entropy does), not by recomputing each chunk's logits in backward: log p_i depends on
+        # hidden_i alone, so d log p_i / d hidden_i is one [H] row per token ("slope"), and backward only scales
+        # it by the incoming gradient. Two [N, V]-sized GEMMs instead of three, one softmax instead of two; the
+        # price is that [N, H] float32 slope kept for backward instead of the hidden states.
+        slope = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if with_gradient else None
+        # Trap (CPU): a fresh [n, V] block per chunk goes back to the OS when freed, and the next one pays a page
+        # fault per 4 KB (measured here: the GEMM into a new [220, 151,936] block 72-79 ms, into a reused one
+        # 39-56 ms). So the budget's buffers are made once. CUDA's caching allocator reuses its blocks by itself.
+        rows_max, on_cpu = min(chunk_size, N), hidden.device.type == "cpu"
+        buffer = torch.empty(rows_max, V, dtype=torch.float32, device=hidden.device) if on_cpu else None
+        second = torch.empty_like(buffer) if on_cpu and with_entropy else None
+        for start in range(0, N, chunk_size):
             rows = slice(start, start + chunk_size)
-            logits = chunk_logits(hidden[rows], weight, temperature)  # [n, V] float32, freed each chunk
-            target_logit[rows] = logits.gather(1, targets[rows, None]).squeeze(1)
-            logsumexp[rows] = torch.logsumexp(logits, dim=-1)
-            if with_entropy:  # H = -Σ p·log p: log p in the logits' buffer, p·log p in one temporary (the budget's 2nd).
-                # Trap: no new name for the buffer, or it outlives the loop step and the next chunk holds three.
-                logits.sub_(logsumexp[rows, None])
-                entropy[rows] = -logits.exp().mul_(logits).sum(dim=-1)
-        ctx.save_for_backward(hidden, weight, targets, logsumexp)
-        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+            n, index = hidden[rows].shape[0], targets[rows, None]  # index [n, 1]
+            logits = chunk_logits(hidden[rows], weight, temperature, None if buffer is None else buffer[:n])  # [n, V]
+            logits.sub_(logits.amax(dim=1, keepdim=True))  # z - max: exp never overflows, and the max's term is 1
+            target = logits.gather(1, index).squeeze(1)  # [n] z_t - max (before any exp: log p_t stays finite)
+            if with_entropy:  # e = exp(z - max) in the second buffer, then Σ_v e_v (z_v - max) in the first
+                exps = torch.exp(logits, out=None if second is None else second[:n])
+                # Trap: torch.sum (cascaded), not a bmm/dot: a BLAS dot over 152k float32 terms drifted 1e-5 to 1e-4 nats.
+                weighted = logits.mul_(exps).sum(dim=1)  # [n]
+            else:
+                exps = logits.exp_()  # in place: one buffer
+            # Trap (CUDA): a name that outlives its use keeps the block; the 16-bit copy below, or the next chunk's
+            # logits, would then make three buffers. So the names go when their buffers are done with.
+            del logits
+            # The target's own term is set aside: Σ_{v≠t} e_v is then summed directly, so 1 - p_t = Σ_{v≠t} e_v / Σ e
+            # keeps its precision as p_t nears 1 (W_t - Σ_v p_v W_v cancels to rounding noise there, even in float32).
+            exps.scatter_(1, index, 0.0)
+            others = exps.sum(dim=1)  # [n] Σ_{v≠t} e_v
+            total = others + target.exp()  # [n] Σ_v e_v, in [1, V]
+            logprobs[rows] = target - total.log()  # log p_t = (z_t - max) - log Σ_v e_v
+            if with_entropy:  # H = -Σ p log p = log Σ e - Σ_v e_v (z_v - max) / Σ e: two terms >= 0, no cancellation
+                entropy[rows] = total.log() - weighted / total
+            if with_gradient:  # d log p_t / d hidden = Σ_v (δ_vt - p_v) W_v / T = ((1 - p_t) W_t - Σ_{v≠t} p_v W_v) / T
+                spread = float32_matmul(exps.to(weight.dtype), weight)  # [n, H] Σ_{v≠t} e_v W_v (bf16 GEMM on GPU)
+                slope[rows] = (weight[targets[rows]].float() * others[:, None] - spread).div_(total[:, None] * temperature)
+            del exps
+        ctx.save_for_backward(slope)
+        ctx.hidden_dtype = hidden.dtype
         if with_entropy:
             ctx.mark_non_differentiable(entropy)
-            return target_logit - logsumexp, entropy
-        return target_logit - logsumexp
+            return logprobs, entropy
+        return logprobs
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy=None):  # the entropy is a diagnostic: no gradient flows from it
-        hidden, weight, targets, logsumexp = ctx.saved_tensors
-        grad_hidden = torch.empty_like(hidden)
-        for start in range(0, hidden.shape[0], ctx.chunk_size):
-            rows = slice(start, start + ctx.chunk_size)
-            grad = grad_logprobs[rows, None]  # [n, 1]
-            # d logp / d logits = onehot(target) - softmax. Built in the recomputed logits' own buffer:
-            # in place, so a chunk never holds more than one [n, V] float32 tensor here.
-            grad_logits = chunk_logits(hidden[rows], weight, ctx.temperature)  # [n, V], recomputed
-            grad_logits.sub_(logsumexp[rows, None]).exp_()  # softmax
-            grad_logits.mul_(-grad)  # -softmax · grad
-            grad_logits.scatter_add_(1, targets[rows, None], grad)  # + onehot · grad
-            # In the weight's dtype for the GEMM (bf16 on GPU: the onehot - softmax difference is formed in
-            # float32 first, then rounded, as any bf16 lm_head backward does); float32 accumulation.
-            grad_hidden[rows] = float32_matmul(grad_logits.to(weight.dtype), weight).div_(ctx.temperature).to(hidden.dtype)
+        (slope,) = ctx.saved_tensors  # None when hidden needed no gradient
+        grad_hidden = None if slope is None else (grad_logprobs[:, None] * slope).to(ctx.hidden_dtype)  # [N, H]
         # lm_head is frozen: no [V, H] gradient is ever formed; targets/temperature/chunk have none.
-        return grad_hidden, None, None, None, None, None
+        return grad_hidden, None, None, None, None, None, None
 
 
-def chunk_logits(hidden_chunk, weight, temperature):
-    logits = float32_matmul(hidden_chunk, weight.T)  # [n, V] float32
+def chunk_logits(hidden_chunk, weight, temperature, out=None):
+    logits = float32_matmul(hidden_chunk, weight.T, out)  # [n, V] float32 (into out's memory when given)
     return logits.div_(temperature) if temperature != 1.0 else logits  # in place: no second [n, V] buffer
 
 
@@ -739,7 +760,9 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=None, me
     softmax(logits / temperature), no gradient), from the same chunks. test_grpo.py checks both against float64."""
     if chunk_size is None:
         chunk_size = gather_chunk_rows(weight.shape[0], memory_mb)
-    return TokenLogprobs.apply(hidden, weight, targets, float(temperature), int(chunk_size), bool(with_entropy))
+    with_gradient = torch.is_grad_enabled() and hidden.requires_grad  # else the slope's GEMM is skipped (reference pass)
+    return TokenLogprobs.apply(hidden, weight, targets, float(temperature), int(chunk_size), bool(with_entropy),
+                               with_gradient)
 
 
 def sequence_logprobs(model, batch, temperature, memory_mb=256, with_entropy=False):

@@ -161,6 +161,37 @@ def test_token_logprobs_entropy_matches_float64_and_leaves_logprobs_and_gradient
     assert 0 < float(entropy.min()) and float(entropy.max()) <= math.log(V) + 1e-5
 
 
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_token_logprobs_gradient_of_confident_tokens_and_far_targets_stays_exact(dtype, tolerance):
+    # The forward forms d log p_t / d hidden = ((1 - p_t) W_t - Σ_{v≠t} p_v W_v) / T with the target's term
+    # set aside. For a confident token (p_t near 1) that gradient is small; the plain W_t - Σ_v p_v W_v with
+    # 16-bit p would cancel to rounding noise there. Checked row by row against float64, relative to each
+    # row's own gradient. A target ~200 nats below the max must still give a finite, exact log-prob.
+    torch.manual_seed(5)
+    N, H, V, temperature = 40, 16, 300, 0.7
+    weight = torch.randn(V, H).to(dtype)
+    hidden = torch.randn(N, H) * 3
+    targets = (hidden @ weight.float().T).argmax(dim=1)  # the most likely token: p_t from ~0.3 to ~1 - 1e-8
+    targets[-4:] = (hidden[-4:] @ weight.float().T).argmin(dim=1)  # the least likely
+    hidden[-4:] *= 4  # z_t - max < -150 there: exp(z_t - max) underflows float32
+    hidden = hidden.to(dtype).requires_grad_()
+    upstream = torch.randn(N)
+    fused = grpo.token_logprobs(hidden, weight, targets, temperature, chunk_size=16)
+    (fused * upstream).sum().backward()
+    hidden64 = hidden.detach().double().requires_grad_()
+    reference = naive_logprobs64(hidden64, weight, targets, temperature)
+    (reference * upstream.double()).sum().backward()
+    assert float(reference[-4:].max()) < -150 and torch.isfinite(fused).all()
+    assert torch.allclose(fused.double(), reference, rtol=1e-5, atol=1e-4 if dtype == torch.float32 else 1e-3)
+    confident = reference[:-4].exp() > 0.999
+    assert int(confident.sum()) >= 5  # the case the set-aside term is for
+    error = (hidden.grad.double() - hidden64.grad).norm(dim=1) / hidden64.grad.norm(dim=1)  # [N], per row
+    assert float(error.max()) <= tolerance, error
+    # Without gradient (the reference pass) no slope is formed, and the log-probs are the same numbers.
+    with torch.no_grad():
+        assert torch.equal(grpo.token_logprobs(hidden, weight, targets, temperature, chunk_size=16), fused.detach())
+
+
 def test_generation_chunk_is_sized_from_the_kv_cache_and_balanced():
     config = __import__("transformers").AutoConfig.from_pretrained(SHARED / "qwen2.5-14b")
     # Qwen2.5-14B by hand: K and V x 48 layers x 8 KV heads x 128 dims x 2 bytes = 196,608 bytes (192 KiB)

@@ -131,7 +131,7 @@ def cpu_demo(argv):
     """python tiny.py cpu-demo [--tokenizer DIR] [--data GSM8K_JSONL] [--steps 2] [--rounds 2]: the README's CPU
     side by side. The tiny Qwen2 (hidden 64, 2 layers) with the real Qwen2.5 tokenizer, 8 GSM8K prompts × G = 8,
     64 new tokens, micro-batch 16, β 0.04, LoRA r 16, 4-bit, through grpo.main with --cpu-sampler multinomial
-    and inverse_cdf in turn (the same process, rounds interleaved). Prints each run's seconds per step."""
+    and inverse_cdf in turn (the same process, rounds interleaved). Prints each run's seconds per step and phase."""
     import argparse
     import resource
     import tempfile
@@ -158,7 +158,9 @@ def cpu_demo(argv):
             cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
             print("cpu-demo " + json.dumps({"sampler": sampler, "round": round_number, "cpu_s_run": round(cpu, 1),
                                             "step_s": [round(m["time/step_s"], 1) for m in metrics],
-                                            "generate_s": [round(m["time/generate_s"], 1) for m in metrics]}), flush=True)
+                                            "generate_s": [round(m["time/generate_s"], 1) for m in metrics],
+                                            "reference_s": [round(m["time/reference_s"], 1) for m in metrics],
+                                            "train_s": [round(m["time/train_s"], 1) for m in metrics]}), flush=True)
 
 
 # `python tiny.py curves`: the README's variant table (3 seeds each) and docs/learning_curve.png.
