@@ -1029,6 +1029,28 @@ def with_memory_retry(run, model, batch, args: Args, phase, log=print, save=None
             f"(start with {setting} to skip this)")
 
 
+def logprobs_before_update(model, batch, args: Args, temperature, retry) -> dict:
+    """What the loss needs from the policy as it was before this step's updates, each pass over the
+    micro-batches under with_memory_retry (retry: its log and save): ref_logp [N, T] (adapters off; β > 0),
+    old_logp [N, T] (μ > 1) and policy_mask [N, T] (--top-entropy-quantile, from the same pass's entropies)."""
+    out = {}
+    if args.beta != 0:
+        out["ref_logp"] = with_memory_retry(lambda: batch_logprobs(model, batch, args, temperature, reference=True),
+                                            model, batch, args, "reference pass", **retry)
+    if args.num_iterations > 1 or args.top_entropy_quantile < 1:
+        # One pass, adapters on: π_old's log-probs (μ > 1) and its entropies (--top-entropy-quantile).
+        # The entropies only when --top-entropy-quantile needs them: for μ > 1 alone they are wasted work.
+        select = args.top_entropy_quantile < 1
+        result = with_memory_retry(lambda: batch_logprobs(model, batch, args, temperature, with_entropy=select),
+                                   model, batch, args, "old log-prob pass", **retry)
+        old_logp, entropy = result if select else (result, None)
+        if args.num_iterations > 1:
+            out["old_logp"] = old_logp
+        if select:
+            out["policy_mask"] = high_entropy_mask(entropy, batch["loss_mask"], args.top_entropy_quantile)
+    return out
+
+
 def update_adapters(model, batch, optimizer, scheduler, args: Args, temperature, denominator, retry=None):
     """One optimizer step on the whole batch: accumulate the gradients, sum them over ranks, clip, AdamW.
     A non-finite loss or gradient skips the update: one bad batch must not poison the adapters (and
@@ -1155,22 +1177,8 @@ def grpo_step(step, train_items, model, sampler, tokenizer, optimizer, scheduler
     batch = {k: v.to(device) for k, v in batch.items()}
 
     # 5. Reference (adapters off) and, for μ > 1, old log-probs: computed once, before any update.
-    # Out of memory in any pass over the micro-batches: halve them and redo the pass (with_memory_retry).
     reference_start, retry = time.time(), dict(log=log, save=save)
-    if args.beta != 0:
-        batch["ref_logp"] = with_memory_retry(lambda: batch_logprobs(model, batch, args, temperature, reference=True),
-                                              model, batch, args, "reference pass", **retry)
-    if args.num_iterations > 1 or args.top_entropy_quantile < 1:
-        # One pass, adapters on: π_old's log-probs (μ > 1) and its entropies (--top-entropy-quantile).
-        # The entropies only when --top-entropy-quantile needs them: for μ > 1 alone they are wasted work.
-        select = args.top_entropy_quantile < 1
-        result = with_memory_retry(lambda: batch_logprobs(model, batch, args, temperature, with_entropy=select),
-                                   model, batch, args, "old log-prob pass", **retry)
-        old_logp, entropy = result if select else (result, None)
-        if args.num_iterations > 1:
-            batch["old_logp"] = old_logp
-        if select:
-            batch["policy_mask"] = high_entropy_mask(entropy, batch["loss_mask"], args.top_entropy_quantile)
+    batch.update(logprobs_before_update(model, batch, args, temperature, retry))
     reference_seconds = time.time() - reference_start
 
     # 6. μ optimizer steps on this batch. The denominator is global: summed over ranks.
