@@ -1189,6 +1189,9 @@ def grpo_step(step, train_items, model, sampler, tokenizer, optimizer, scheduler
         bad_steps = 0 if finite else bad_steps + 1
         if not finite:
             log(f"step {step + 1}: non-finite loss or gradient, update skipped ({bad_steps} in a row)")
+            if bad_steps >= args.max_bad_steps:
+                fail(f"{bad_steps} non-finite steps in a row: stopping. The last good checkpoint is in the run "
+                     "directory's checkpoints/; try a lower --lr or --max-grad-norm")
             break
     if sampler is not model:
         refresh_generation_model(model, sampler)  # the next rollout samples from the updated policy
@@ -1582,9 +1585,6 @@ def main(args: Args):
             result = grpo_step(step, train_items, model, sampler, tokenizer, optimizer, scheduler, args, eos_ids,
                                pool, bad_steps, rank, world_size, log, save)
             bad_steps = result["bad_steps"]
-            if bad_steps >= args.max_bad_steps:
-                fail(f"{bad_steps} non-finite steps in a row: stopping. The last good checkpoint is in "
-                     f"{run_dir}/checkpoints; try a lower --lr or --max-grad-norm")
             metrics = step_metrics(result, args, world_size)
             log(format_step_line(metrics, args.steps))
             report(metrics)
