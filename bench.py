@@ -858,7 +858,11 @@ def suite_plan(a, device):
     if a.slice_layers:
         plan.append(ours("slice-long-ours", a.slice_layers, [{"name": "long", "generation_model": "merged", "steps": 2, **long}]))
         plan.append(trl("slice-long-trl", a.slice_layers, long, 2))
-    plan.append(ours("full-policy", full_layers, [{"name": "policy", **warm, **short}]))  # the 4-bit sampler, full size
+    # The 4-bit sampler at full size (no 26 GB dense copy), then in generate chunks of half the sequences: the
+    # KV cache halves, the peak that TRL's memory is compared with (its decode steps double)
+    half = max(1, a.prompts * a.group // 2)
+    plan.append(ours("full-policy", full_layers, [{"name": "policy", **warm, **short},
+                                                  {"name": f"policy chunk {half}", "steps": 1, "generation_chunk": half, **short}]))
     if not a.only:
         return plan
     wanted = a.only.split(",")  # in the order given, each TRL run after the build of its model
