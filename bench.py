@@ -335,7 +335,8 @@ def graph_generate(model, use_graph, input_ids, attention_mask, max_new_tokens, 
                          cache_position=slot, use_cache=True).logits  # [B, 1, V]
         if use_graph:
             # transformers >= 5 advance a cache write counter on device; older ones write at cache_position.
-            counters = [layer.cumulative_length.clone() for layer in cache.layers if hasattr(layer, "cumulative_length")]
+            counted = [layer for layer in cache.layers if hasattr(layer, "cumulative_length")]
+            counters = [layer.cumulative_length.clone() for layer in counted]
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):  # warm-up before capture (allocator, cuBLAS workspaces)
@@ -345,7 +346,7 @@ def graph_generate(model, use_graph, input_ids, attention_mask, max_new_tokens, 
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 graph_logits = step()
-            for layer, saved in zip([l for l in cache.layers if hasattr(l, "cumulative_length")], counters):
+            for layer, saved in zip(counted, counters):
                 layer.cumulative_length.copy_(saved)  # undo the warm-up's writes
             visible[:, 0, 0, P:] = False
         steps = max_new_tokens
@@ -373,21 +374,12 @@ def graph_generate(model, use_graph, input_ids, attention_mask, max_new_tokens, 
 def decode_child(a):
     """One variant in this process: ms per decode step (prefill subtracted) on a random bf16 (CUDA) or float32
     (CPU) model of the config with --layers blocks, B rows of random prompts with left padding."""
-    from transformers import AttentionInterface, AttentionMaskInterface, AutoConfig, AutoModelForCausalLM
-    from transformers.masking_utils import sdpa_mask
+    from transformers import AutoModelForCausalLM
     device = torch.device(a.device)
     cuda = device.type == "cuda"
     synchronize = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
-    AttentionInterface.register("grpo_decode", grpo.decode_attention)  # as build_generation_model does
-    AttentionMaskInterface.register("grpo_decode", sdpa_mask)
-    config = AutoConfig.from_pretrained(a.config)
-    if a.layers:
-        config.num_hidden_layers = a.layers
-        if getattr(config, "max_window_layers", None):
-            config.max_window_layers = min(config.max_window_layers, a.layers)
-        if getattr(config, "layer_types", None):
-            config.layer_types = config.layer_types[:a.layers]
-    attention = "sdpa" if a.only == "generate-sdpa" else "grpo_decode"
+    config = sliced_config(a.config, a.layers)
+    attention = "sdpa" if a.only == "generate-sdpa" else grpo.register_decode_attention()  # the merged sampler's
     torch.manual_seed(0)
     with device:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if cuda else torch.float32,
@@ -398,11 +390,10 @@ def decode_child(a):
     prompt_mask = (torch.arange(a.prompt_tokens)[None, :] >= (a.prompt_tokens - lengths)[:, None]).long()  # left padding
     prompt_ids, prompt_mask = (prompt_ids * prompt_mask).to(device), prompt_mask.to(device)
 
-    model.generation_config.min_new_tokens = None  # set per call below; graph_generate reads it from here
-
     def run(new_tokens, greedy=False):
         if a.only in ("static-loop", "cuda-graph"):
-            model.generation_config.min_new_tokens = new_tokens  # every row runs the full length, as generate's below
+            # graph_generate reads min_new_tokens from here: every row runs the full length, as generate's below
+            model.generation_config.min_new_tokens = new_tokens
             sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=1.0, top_p=1.0)
             return graph_generate(model, a.only == "cuda-graph", prompt_ids, prompt_mask, new_tokens, [151643, 151645],
                                   0, **sampling)[:, prompt_ids.shape[1]:]
@@ -422,7 +413,7 @@ def decode_child(a):
     record = {"variant": a.only, "attention": attention, "layers": config.num_hidden_layers, "batch": a.batch,
               "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens, "device": device.type,
               "gpu": torch.cuda.get_device_name(device) if cuda else "cpu"}
-    if a.check:  # greedy tokens against generate's (sdpa) on the same weights
+    if a.check:  # greedy tokens against transformers' generate on the same weights and attention
         reference = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=a.check,
                                    min_new_tokens=a.check, do_sample=False, pad_token_id=0)[:, prompt_ids.shape[1]:]
         record["greedy_tokens_equal_to_generate"] = float((run(a.check, greedy=True) == reference).float().mean())
@@ -464,11 +455,9 @@ def decode_main(a):
 # step: real GRPO steps through grpo.py's functions on a random-weight model.
 
 
-def build_random_model(config_path, tokenizer, model_dir, device, seed=0, layers=0):
-    """Random weights of config_path's architecture (with `layers` blocks instead of the config's when > 0:
-    the same width and vocabulary, fewer layers), saved with the tokenizer so grpo.load_model reads it
-    exactly like a downloaded checkpoint."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def sliced_config(config_path, layers=0):
+    """config_path's config, with `layers` blocks instead of its own when > 0 (same width and vocabulary)."""
+    from transformers import AutoConfig
     config = AutoConfig.from_pretrained(config_path)
     if layers:
         config.num_hidden_layers = layers
@@ -476,6 +465,15 @@ def build_random_model(config_path, tokenizer, model_dir, device, seed=0, layers
             config.max_window_layers = min(config.max_window_layers, layers)
         if getattr(config, "layer_types", None):
             config.layer_types = config.layer_types[:layers]
+    return config
+
+
+def build_random_model(config_path, tokenizer, model_dir, device, seed=0, layers=0):
+    """Random weights of config_path's architecture (with `layers` blocks instead of the config's when > 0:
+    the same width and vocabulary, fewer layers), saved with the tokenizer so grpo.load_model reads it
+    exactly like a downloaded checkpoint."""
+    from transformers import AutoModelForCausalLM
+    config = sliced_config(config_path, layers)
     if len(tokenizer) > config.vocab_size:
         raise SystemExit(f"bench.py: error: the tokenizer has {len(tokenizer)} tokens, more than the config's "
                          f"vocab_size {config.vocab_size}")

@@ -421,6 +421,20 @@ def decode_attention(module, query, key, value, attention_mask, scaling=None, **
     return output.reshape(batch, 1, heads, dim), None  # [B, q=1, heads, D], as sdpa_attention_forward returns
 
 
+DECODE_ATTENTION = "grpo_decode"  # the attn_implementation name decode_attention is registered under
+
+
+def register_decode_attention() -> str:
+    """Makes decode_attention selectable as attn_implementation=DECODE_ATTENTION, and returns that name. Both
+    registrations are needed: without a mask function of its name, transformers builds no padding mask at all
+    for an attention it does not know, and left-padded prompts would attend to their padding."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+    AttentionInterface.register(DECODE_ATTENTION, decode_attention)
+    AttentionMaskInterface.register(DECODE_ATTENTION, sdpa_mask)
+    return DECODE_ATTENTION
+
+
 @torch.no_grad()
 def build_generation_model(model):
     """A dense copy of the policy for sampling only (--generation-model merged; auto on CUDA). 4-bit decoding pays
@@ -431,15 +445,10 @@ def build_generation_model(model):
     from transformers import AutoModelForCausalLM
     source = model.get_base_model()
     dtype = source.get_output_embeddings().weight.dtype  # the compute dtype: bf16 on GPU, float32 on CPU
-    from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import sdpa_mask
-    # Both registrations are needed: without a mask function of its name, transformers builds no padding mask
-    # at all for an attention it does not know, and left-padded prompts would attend to their padding.
-    AttentionInterface.register("grpo_decode", decode_attention)
-    AttentionMaskInterface.register("grpo_decode", sdpa_mask)
     with torch.device("meta"):
         # A copy of the config: from_config would otherwise set the policy's attention to ours as well.
-        dense = AutoModelForCausalLM.from_config(copy.deepcopy(source.config), dtype=dtype, attn_implementation="grpo_decode")
+        dense = AutoModelForCausalLM.from_config(copy.deepcopy(source.config), dtype=dtype,
+                                                 attn_implementation=register_decode_attention())
     dense.to_empty(device=source.device)
     for name, module in dense.named_modules():
         original = source.get_submodule(name)
