@@ -47,14 +47,16 @@ bench.py -- measurements behind the README's Performance section. Five subcomman
       static cache with fixed buffers, eagerly (static-loop) or with one decode step captured as a CUDA
       graph and replayed (cuda-graph). --check compares greedy tokens with generate's. graph_generate also
       stands in for the sampler's generate in `bench.py step` (--variants '[{"generation_model": "merged",
-      "decode": "cuda-graph"}]') to time whole steps with it.
+      "decode": "cuda-graph"}]', or "policy": the 4-bit model's own decode step as the graph) to time whole
+      steps with it.
 
   python bench.py suite [--config ../shared/qwen2.5-14b/config.json --budget-s 480 --out runs/suite
                         --slice-layers 8 --only NAMES]
       The whole GPU measurement as one budgeted command (README "Full size on a GPU"): the gather at the
       config's shape, our step and TRL's (../shared/bench/trl_anchor.py) side by side on a slice of the
       config with fewer layers, our step at full size, 2,048 new tokens with and without
-      --offload-activations on one rollout, and the 4-bit sampler at full size. Each measurement is its
+      --offload-activations on one rollout, the 4-bit sampler at full size, and both samplers with the
+      CUDA-graph decoding loop (slice-graph, full-graph, full-graph-policy). Each measurement is its
       own process, killed when the budget is spent; suite.json, suite.md and suite.log under --out are
       rewritten as every record arrives, so a cut-off run keeps what it measured.
 
@@ -307,7 +309,9 @@ def graph_generate(model, use_graph, input_ids, attention_mask, max_new_tokens, 
     sequences[:, :P] = input_ids
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     # transformers >= 5.24 names the cache argument `cache` (and warns on the old name); older ones past_key_values.
-    cache_argument = {("cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"): cache}
+    # The transformers model's own forward: a peft model's (the 4-bit sampler) takes **kwargs and passes them on.
+    forward = (model.get_base_model() if hasattr(model, "get_base_model") else model).forward
+    cache_argument = {("cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"): cache}
 
     def next_token(logits, t):  # logits [B, V] of new token t (0-based) -> token [B]
         scores = logits.float()
@@ -724,9 +728,9 @@ def step_main(a):
             if v["attention"]:  # e.g. "sdpa": the merged sampler with transformers' own attention, for the A/B
                 sampler.config._attn_implementation = v["attention"]
             if v["decode"] != "generate":  # static-loop | cuda-graph: graph_generate stands in for sampler.generate
-                if sampler is model or v["decode"] not in ("static-loop", "cuda-graph"):
-                    raise SystemExit(f"bench.py: error: decode {v['decode']!r} needs the merged sampler and one of "
-                                     "generate, static-loop, cuda-graph")
+                if v["decode"] not in ("static-loop", "cuda-graph"):
+                    raise SystemExit(f"bench.py: error: decode {v['decode']!r}: choose generate, static-loop or cuda-graph")
+                # The merged sampler, or the 4-bit policy itself (its decode step captured with bitsandbytes' kernels)
                 sampler.generate = functools.partial(graph_generate, sampler, v["decode"] == "cuda-graph")
             prompts, rng = random_prompts(tokenizer, v["prompts"], a.prompt_tokens, a.seed)
             group_prompts = [q for q in prompts for _ in range(v["group"])]  # groups contiguous, as grpo.main
@@ -757,6 +761,8 @@ def step_main(a):
                           **record}
                 records.append(record)
                 print(json.dumps(record), flush=True)
+            if sampler is model and "generate" in vars(model):
+                del model.generate  # the policy's own generate again for the next variant
             del sampler
             gc.collect()
             if device.type == "cuda":
@@ -846,8 +852,11 @@ def suite_plan(a, device):
         plan.append(trl("slice-trl", a.slice_layers, short, 2))
     # Our step with the CUDA-graph decoding loop instead of generate (bench.py decode; CPU: the same loop, no graph)
     graph = {"generation_model": "merged", "decode": "cuda-graph" if device.type == "cuda" else "static-loop"}
+    # ... and with the 4-bit policy as the sampler (no 26 GB dense copy: the memory goal's path), decoded the same way
+    graph_policy = {**graph, "generation_model": "policy"}
     if a.slice_layers:
-        plan.append(ours("slice-graph", a.slice_layers, [{"name": "graph", "steps": 2, **graph, **short}]))
+        plan.append(ours("slice-graph", a.slice_layers, [{"name": "graph", "steps": 2, **graph, **short},
+                                                         {"name": "graph policy", "steps": 2, **graph_policy, **short}]))
     plan.append(ours("full-graph", full_layers, [{"name": "graph", **warm, **graph, **short}]))
     plan.append(ours("full-ours", full_layers, [{"name": "merged", "generation_model": "merged", **warm, **short}]))
     plan.append(ours("full-long", full_layers, [{"name": "long", "generation_model": "merged", **warm, **long},
@@ -861,6 +870,9 @@ def suite_plan(a, device):
     half = max(1, a.prompts * a.group // 2)
     plan.append(ours("full-policy", full_layers, [{"name": "policy", **warm, **short},
                                                   {"name": f"policy chunk {half}", "steps": 1, "generation_chunk": half, **short}]))
+    plan.append(ours("full-graph-policy", full_layers, [{"name": "graph policy", **warm, **graph_policy, **short},
+                                                        {"name": f"graph policy chunk {half}", "steps": 1,
+                                                         "generation_chunk": half, **graph_policy, **short}]))
     if not a.only:
         return plan
     wanted = a.only.split(",")  # in the order given, each TRL run after the build of its model
@@ -1113,7 +1125,7 @@ def parse_args(argv=None):
     u.add_argument("--decode-check", type=int, default=16, help="greedy tokens compared with generate's (decode-slice)")
     u.add_argument("--only", default="", help="comma-separated measurement names to run (default: all): gather, "
                    "decode-slice, decode-full, slice-ours, slice-trl, slice-graph, full-graph, full-ours, full-long, "
-                   "slice-long-ours, slice-long-trl, full-policy")
+                   "slice-long-ours, slice-long-trl, full-policy, full-graph-policy")
     return parser.parse_args(argv)
 
 

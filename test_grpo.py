@@ -6,6 +6,7 @@ named as sentences, and the real 4-bit + LoRA path end to end on a tiny random Q
 
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import os
@@ -1467,26 +1468,26 @@ def test_bench_decoding_loop_samples_exactly_what_generate_samples(tiny_model_di
     # bench.py's own decoding loop (a static KV cache and fixed buffers: what a CUDA graph replays) must be a
     # drop-in for generate as grpo.generate calls it: the same greedy tokens, the same multinomial draws from
     # the same seed, the same EOS handling (a row that ends is padded, the others go on), prompts of
-    # different lengths (left padding).
+    # different lengths (left padding). For both samplers: the dense copy, and the 4-bit + LoRA policy itself.
     model, tokenizer = model_and_tokenizer
     randomize_lora(model, scale=0.5)
-    dense = grpo.build_generation_model(model)
     prompts = ["What is 2 + 3?", "Name a colour, any colour you like, and say why.", "Count: 1, 2, 3"]
-    for sampler_args in (dict(), dict(cpu_sampler="multinomial")):
-        args = tiny_args(tiny_model_dir, max_new_tokens=10, **sampler_args)
+    for merged, cpu_sampler in itertools.product((True, False), ("inverse_cdf", "multinomial")):
+        sampler = grpo.build_generation_model(model) if merged else model
+        args = tiny_args(tiny_model_dir, max_new_tokens=10, cpu_sampler=cpu_sampler)
         eos_ids = grpo.end_of_sequence_ids(model, tokenizer)
         torch.manual_seed(0)
-        free = grpo.generate(dense, tokenizer, prompts, args, eos_ids, temperature=1.0)
+        free = grpo.generate(sampler, tokenizer, prompts, args, eos_ids, temperature=1.0)
         eos_ids = eos_ids + [int(free["completion_ids"][0, 3])]  # row 0 now ends at its 4th token
         runs = []
         for decode in ("generate", "loop"):
             if decode == "loop":
-                dense.generate = functools.partial(bench.graph_generate, dense, False)
+                sampler.generate = functools.partial(bench.graph_generate, sampler, False)
             torch.manual_seed(0)
-            runs.append(grpo.generate(dense, tokenizer, prompts, args, eos_ids, temperature=1.0))
+            runs.append(grpo.generate(sampler, tokenizer, prompts, args, eos_ids, temperature=1.0))
             torch.manual_seed(0)
-            runs.append(grpo.generate(dense, tokenizer, prompts, args, eos_ids, temperature=1.0, greedy=True))
-        del dense.generate  # back to the class's generate
+            runs.append(grpo.generate(sampler, tokenizer, prompts, args, eos_ids, temperature=1.0, greedy=True))
+        del sampler.generate  # back to the class's generate
         for expected, got in ((runs[0], runs[2]), (runs[1], runs[3])):
             assert torch.equal(got["completion_ids"], expected["completion_ids"])
             assert torch.equal(got["completion_mask"], expected["completion_mask"]) and got["texts"] == expected["texts"]
@@ -1648,7 +1649,9 @@ def test_suite_bench_writes_every_figure_as_it_goes_and_respects_its_budget(tmp_
     by_name = {m["name"]: m for m in results["measurements"]}
     assert list(by_name) == ["gather", "decode-slice", "slice-trl", "slice-graph", "full-ours", "full-long"]
     graph_steps = [r for r in by_name["slice-graph"]["records"] if "step_seconds" in r]
-    assert [(r["decode"], r["generated_tokens"]) for r in graph_steps] == [("static-loop", 2 * 2 * 4)] * 2  # CPU: no graph
+    # CPU: no graph; the merged sampler, then the 4-bit policy as the sampler
+    assert [(r["variant"], r["sampler"], r["decode"], r["generated_tokens"]) for r in graph_steps] == \
+        [("graph", "merged", "static-loop", 2 * 2 * 4)] * 2 + [("graph policy", "policy", "static-loop", 2 * 2 * 4)] * 2
     # Every decoding variant that runs on a CPU samples greedily exactly what generate does (our own loop on a
     # static cache included: its positions, cache slots and mask); CUDA graphs need CUDA and say so.
     decode = {r["variant"]: r for r in by_name["decode-slice"]["records"]}
