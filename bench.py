@@ -761,8 +761,7 @@ def step_main(a):
                           **record}
                 records.append(record)
                 print(json.dumps(record), flush=True)
-            if sampler is model and "generate" in vars(model):
-                del model.generate  # the policy's own generate again for the next variant
+            vars(sampler).pop("generate", None)  # the class's generate again (the policy serves the next variant too)
             del sampler
             gc.collect()
             if device.type == "cuda":

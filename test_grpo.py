@@ -1472,8 +1472,8 @@ def test_bench_decoding_loop_samples_exactly_what_generate_samples(tiny_model_di
     model, tokenizer = model_and_tokenizer
     randomize_lora(model, scale=0.5)
     prompts = ["What is 2 + 3?", "Name a colour, any colour you like, and say why.", "Count: 1, 2, 3"]
-    for merged, cpu_sampler in itertools.product((True, False), ("inverse_cdf", "multinomial")):
-        sampler = grpo.build_generation_model(model) if merged else model
+    dense = grpo.build_generation_model(model)
+    for sampler, cpu_sampler in itertools.product((dense, model), ("inverse_cdf", "multinomial")):
         args = tiny_args(tiny_model_dir, max_new_tokens=10, cpu_sampler=cpu_sampler)
         eos_ids = grpo.end_of_sequence_ids(model, tokenizer)
         torch.manual_seed(0)
