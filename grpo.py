@@ -42,6 +42,12 @@ Run it full size (Qwen2.5-14B, 4-bit, one 80 GB GPU):
     python grpo.py --data data/gsm8k.jsonl
 Run it tiny, on a CPU, offline (a random 2-layer Qwen2 and a toy task; see README):
     python tiny.py learn
+
+The file in order (each section opens with a `# ----` band): Config (Args) -> Data -> Model -> Rollout ->
+Reward -> Log-probs -> GRPO core -> Update -> Schedules -> Distributed -> One GRPO step (grpo_step, the
+six steps) -> Evaluation -> Logging -> Checkpoints -> main. To add a task: its items in data/ and its
+reward function (Reward section; verify.py holds the built-in ones). To add a loss variant: the GRPO core
+section (group_advantages, grpo_loss), one Args field for its flag, and a test against a slow loop.
 """
 
 import argparse
@@ -70,11 +76,22 @@ from verify import code_reward, format_reward, math_reward
 
 
 # -----------------------------------------------------------------------------
-# Config: every knob, with its meaning. The CLI (`--help`) is generated from this.
+# Config: every knob, with its meaning, allowed values and valid range. The CLI (`--help`, its groups and
+# choices) and the startup checks are generated from it.
+
+# Fields that must match the checkpoint's when resuming; everything else may change (e.g. --steps).
+RESUME_MUST_MATCH = ("model", "lora_rank", "lora_alpha", "data", "prompts_per_step", "group_size", "seed",
+                     "chat_template", "agg", "num_iterations")
 
 
-def arg(default, help):
-    return field(default=default, metadata={"help": help})
+def arg(default, help, choices=None, valid=None):
+    """One knob: its default, its --help line, its allowed values (choices) or its valid range (valid),
+    written as an interval: "[1, inf)" = at least 1, "(0, 1]" = above 0 and at most 1, "(-inf, inf)" =
+    any finite number. Both are checked at startup (check_args), before anything slow happens."""
+    return field(default=default, metadata={"help": help, "choices": choices, "valid": valid})
+
+
+ANY, AT_LEAST_0, AT_LEAST_1, POSITIVE = "(-inf, inf)", "[0, inf)", "[1, inf)", "(0, inf)"
 
 
 @dataclass
@@ -82,96 +99,121 @@ class Args:
     # run / logging
     run_name: str = arg("", "run directory name under --out-dir; default: grpo-<date>-<time>")
     out_dir: str = arg("runs", "where run directories go")
-    seed: int = arg(0, "seed for python, numpy and torch (rank r of a torchrun job samples with seed + r)")
-    device: str = arg("", "cuda or cpu; default: cuda when available")
-    sample_every: int = arg(10, "print one sample completion every this many steps")
-    samples_per_step: int = arg(4, "prompt/completion records written to samples.jsonl per step")
+    seed: int = arg(0, "seed for python, numpy and torch (rank r of a torchrun job samples with seed + r)", valid=AT_LEAST_0)
+    device: str = arg("", "cuda, cuda:N or cpu; default: cuda when available")
+    sample_every: int = arg(10, "print one sample completion every this many steps; 0: never", valid=AT_LEAST_0)
+    samples_per_step: int = arg(4, "prompt/completion records written to samples.jsonl per step", valid=AT_LEAST_0)
     plot: str = arg("", "path of a run directory: draw its metrics.jsonl into metrics.png and exit")
-    report_to: str = arg("none", "also send every metrics.jsonl record to: none | tensorboard (event files in "
-                         "RUN_DIR/tensorboard) | wandb (honours WANDB_MODE=offline); each needs its package")
+    report_to: str = arg("none", "also send every metrics.jsonl record to a dashboard: tensorboard (event files in "
+                         "RUN_DIR/tensorboard) or wandb (honours WANDB_MODE=offline); each needs its package",
+                         choices=("none", "tensorboard", "wandb"))
     wandb_project: str = arg("grpo", "W&B project of --report-to wandb (the run is named like the run directory)")
     # model / QLoRA
     model: str = arg("Qwen/Qwen2.5-14B", "hub id or local path of a causal LM, loaded in 4-bit NF4")
-    lora_rank: int = arg(16, "LoRA rank r on every linear layer of the blocks")
-    lora_alpha: int = arg(32, "LoRA alpha (the update is scaled by alpha / r)")
-    lora_dropout: float = arg(0.0, "dropout on the LoRA input")
+    lora_rank: int = arg(16, "LoRA rank r on every linear layer of the blocks", valid=AT_LEAST_1)
+    lora_alpha: int = arg(32, "LoRA alpha (the update is scaled by alpha / r)", valid=AT_LEAST_1)
+    lora_dropout: float = arg(0.0, "dropout on the LoRA input", valid="[0, 1)")
     gradient_checkpointing: bool = arg(True, "recompute block activations in backward (saves memory)")
     # data
     data: str = arg("data/gsm8k.jsonl", "training prompts, jsonl (schema: data/README.md); gsm8k.jsonl is downloaded if missing")
     eval_data: str = arg("data/gsm8k_test.jsonl", "held-out prompts; gsm8k_test.jsonl is downloaded if missing")
     chat_template: bool = arg(True, "wrap prompts in the tokenizer's chat template when it has one")
     # rollout
-    prompts_per_step: int = arg(16, "B: prompts per optimizer step (across all ranks)")
-    group_size: int = arg(8, "G: completions sampled per prompt")
-    max_new_tokens: int = arg(512, "longest completion; longer ones are cut and flagged truncated")
-    temperature: float = arg(1.0, "sampling temperature at the first step")
-    temperature_end: float = arg(-1.0, "sampling temperature at the last step, linear in between; < 0: constant")
-    top_p: float = arg(1.0, "nucleus sampling threshold")
+    prompts_per_step: int = arg(16, "B: prompts per optimizer step (across all ranks)", valid=AT_LEAST_1)
+    group_size: int = arg(8, "G: completions sampled per prompt (GRPO compares at least 2)", valid="[2, inf)")
+    max_new_tokens: int = arg(512, "longest completion; longer ones are cut and flagged truncated", valid=AT_LEAST_1)
+    temperature: float = arg(1.0, "sampling temperature at the first step (greedy decoding, T = 0, would make a "
+                             "group's G completions identical, and identical completions teach nothing)", valid=POSITIVE)
+    temperature_end: float = arg(0.0, "sampling temperature at the last step, linear in between; 0: constant", valid=AT_LEAST_0)
+    top_p: float = arg(1.0, "nucleus sampling: keep the smallest set of tokens whose probability reaches top-p", valid="(0, 1]")
     generation_chunk: int = arg(0, "sequences per model.generate call; 0: as many as the free memory holds (KV cache "
-                                "sized from the model config); halved automatically on CUDA out-of-memory")
+                                "sized from the model config); halved automatically on CUDA out-of-memory", valid=AT_LEAST_0)
     generation_model: str = arg("auto", "sample from: policy (the 4-bit + LoRA model) | merged (a dense copy of the "
                                 "dequantized base with LoRA merged, refreshed every step: faster decoding, +2 bytes/weight) "
-                                "| auto: merged on CUDA (measured faster: README Performance), policy on CPU")
-    cpu_sampler: str = arg("inverse_cdf", "how generate draws tokens on a CPU: inverse_cdf (one uniform per row, "
-                           "faster there: README, CPU demo) | multinomial (generate's own); the same distribution. GPUs: always generate's own")
-    overlong: str = arg("keep", "truncated completions: keep | mask (out of the loss, DAPO) | penalty (reward - overlong_penalty)")
-    overlong_penalty: float = arg(1.0, "subtracted from a truncated completion's reward with --overlong penalty")
+                                "| auto: merged on CUDA (measured faster: docs/performance.md), policy on CPU",
+                                choices=("auto", "policy", "merged"))
+    cpu_sampler: str = arg("inverse_cdf", "how generate draws tokens on a CPU: inverse_cdf (one uniform per row, faster "
+                           "there: docs/performance.md) | multinomial (generate's own); the same distribution. GPUs: always "
+                           "generate's own", choices=("inverse_cdf", "multinomial"))
+    overlong: str = arg("keep", "truncated completions: keep | mask (out of the loss, DAPO) | penalty (reward - overlong_penalty)",
+                        choices=("keep", "mask", "penalty"))
+    overlong_penalty: float = arg(1.0, "subtracted from a truncated completion's reward with --overlong penalty", valid=AT_LEAST_0)
     # reward
-    correct_weight: float = arg(1.0, "weight of the correctness reward (math answer or code tests)")
-    format_weight: float = arg(0.1, "weight of the format reward (one final \\boxed{} / one ```python block)")
+    correct_weight: float = arg(1.0, "weight of the correctness reward (math answer or code tests)", valid=ANY)
+    format_weight: float = arg(0.1, "weight of the format reward (one final \\boxed{} / one ```python block)", valid=ANY)
     strict: bool = arg(True, "training reward reads only \\boxed{} answers (else also the last number)")
-    code_timeout: float = arg(5.0, "seconds per code_reward run")
-    reward_workers: int = arg(8, "threads scoring completions in parallel")
+    code_timeout: float = arg(5.0, "seconds per code_reward run", valid=POSITIVE)
+    reward_workers: int = arg(8, "threads scoring completions in parallel", valid=AT_LEAST_1)
     # loss
-    beta: float = arg(0.04, "β: KL coefficient; 0 skips the reference pass entirely")
-    clip_low: float = arg(0.2, "ε_low: the ratio is clipped below at 1 - ε_low")
-    clip_high: float = arg(0.2, "ε_high: the ratio is clipped above at 1 + ε_high (DAPO: 0.28)")
-    agg: str = arg("seq", "loss aggregation: seq (GRPO) | token (DAPO) | dr_grpo (Dr. GRPO)")
-    ratio_level: str = arg("token", "importance ratio: token (GRPO) | sequence (GSPO: one length-normalised ratio per completion)")
+    beta: float = arg(0.04, "β: KL coefficient; 0 skips the reference pass entirely", valid=AT_LEAST_0)
+    clip_low: float = arg(0.2, "ε_low: the ratio is clipped below at 1 - ε_low", valid="[0, 1)")
+    clip_high: float = arg(0.2, "ε_high: the ratio is clipped above at 1 + ε_high (DAPO: 0.28)", valid=AT_LEAST_0)
+    agg: str = arg("seq", "loss aggregation: seq (GRPO) | token (DAPO) | dr_grpo (Dr. GRPO)", choices=("seq", "token", "dr_grpo"))
+    ratio_level: str = arg("token", "importance ratio: token (GRPO) | sequence (GSPO: one length-normalised ratio per "
+                           "completion)", choices=("token", "sequence"))
     top_entropy_quantile: float = arg(1.0, "ρ: the policy term trains only the batch's top-ρ fraction of trained tokens "
-                                      "by policy entropy (Wang et al. 2025 use 0.2); the KL term keeps all; 1: all")
+                                      "by policy entropy (Wang et al. 2025 use 0.2); the KL term keeps all; 1: all", valid="(0, 1]")
     scale_advantages: bool = arg(True, "divide advantages by the group std (off: Dr. GRPO)")
-    num_iterations: int = arg(1, "μ: optimizer steps per generated batch")
+    num_iterations: int = arg(1, "μ: optimizer steps per generated batch", valid=AT_LEAST_1)
     drop_zero_std_groups: bool = arg(False, "leave groups whose rewards are all equal out of the loss (DAPO)")
     # optimization
-    steps: int = arg(500, "training steps: each samples B·G fresh completions and makes μ optimizer steps")
-    lr: float = arg(1e-5, "peak AdamW learning rate of the adapters")
-    lr_schedule: str = arg("cosine", "after warmup: cosine (to 0) | constant")
-    warmup_steps: int = arg(10, "linear warmup steps")
-    weight_decay: float = arg(0.0, "AdamW weight decay")
-    max_grad_norm: float = arg(1.0, "clip the adapters' gradient to this global norm; 0: off")
+    steps: int = arg(500, "training steps: each samples B·G fresh completions and makes μ optimizer steps", valid=AT_LEAST_1)
+    lr: float = arg(1e-5, "peak AdamW learning rate of the adapters", valid=AT_LEAST_0)
+    lr_schedule: str = arg("cosine", "after warmup: cosine (to 0) | constant", choices=("cosine", "constant"))
+    warmup_steps: int = arg(10, "linear warmup steps", valid=AT_LEAST_0)
+    weight_decay: float = arg(0.0, "AdamW weight decay", valid=AT_LEAST_0)
+    max_grad_norm: float = arg(1.0, "clip the adapters' gradient to this global norm; 0: off", valid=AT_LEAST_0)
     micro_batch: int = arg(16, "sequences per forward/backward; gradients accumulate to the full batch "
-                           "(halved automatically on CUDA out-of-memory)")
+                           "(halved automatically on CUDA out-of-memory)", valid=AT_LEAST_1)
     micro_batch_tokens: int = arg(0, "> 0: micro-batches by a token budget instead: sequences sorted by length, each "
                                   "micro-batch at most this many padded prompt + completion tokens (a longer sequence "
-                                  "goes alone); halved automatically on CUDA out-of-memory. CPU: no recovery (see README)")
+                                  "goes alone); halved automatically on CUDA out-of-memory", valid=AT_LEAST_0)
     offload_activations: bool = arg(False, "keep the tensors saved for backward in (pinned) CPU memory during the policy forward")
-    logprob_memory_mb: int = arg(256, "memory budget of one chunk of the fused log-prob gather (sets its row count)")
-    max_bad_steps: int = arg(3, "stop after this many non-finite losses/gradients in a row")
+    logprob_memory_mb: int = arg(256, "memory budget of one chunk of the fused log-prob gather (sets its row count)", valid=AT_LEAST_1)
+    max_bad_steps: int = arg(3, "stop after this many non-finite losses/gradients in a row", valid=AT_LEAST_1)
     # evaluation / checkpoints
-    eval_every: int = arg(50, "greedy pass@1 on --eval-data every this many steps (also before the first and after the last); 0: off")
-    eval_n: int = arg(200, "items of --eval-data used for evaluation; 0: all")
+    eval_every: int = arg(50, "greedy pass@1 on --eval-data every this many steps (also before the first and after the "
+                          "last); 0: off", valid=AT_LEAST_0)
+    eval_n: int = arg(200, "items of --eval-data used for evaluation; 0: all", valid=AT_LEAST_0)
     eval_only: bool = arg(False, "evaluate the base model (or --adapter) and exit")
     adapter: str = arg("", "a saved adapter directory to evaluate with --eval-only")
-    save_every: int = arg(50, "save a checkpoint every this many steps (and at the end)")
-    keep_last: int = arg(3, "checkpoints kept; older ones are deleted")
-    resume: str = arg("", "a run directory: continue from its newest checkpoint")
+    save_every: int = arg(50, "save a checkpoint every this many steps (and always at the end); 0: only at the end",
+                          valid=AT_LEAST_0)
+    keep_last: int = arg(3, "checkpoints kept; older ones are deleted", valid=AT_LEAST_1)
+    resume: str = arg("", "a run directory: continue it from its newest checkpoint. These must match the run's: "
+                      + ", ".join("--" + name.replace("_", "-") for name in RESUME_MUST_MATCH))
 
 
-# Fields that must match the checkpoint's when resuming; everything else may change (e.g. --steps).
-RESUME_MUST_MATCH = ("model", "lora_rank", "lora_alpha", "data", "prompts_per_step", "group_size", "seed",
-                     "chat_template", "agg", "num_iterations")
+# --help's groups, each named at its first field (Args' order).
+ARG_GROUPS = {"run_name": "run and logging", "model": "model and QLoRA", "data": "data", "prompts_per_step": "rollout",
+              "correct_weight": "reward", "beta": "loss", "steps": "optimization", "eval_every": "evaluation and checkpoints"}
+
+EXAMPLES = """examples:
+  python grpo.py --data data/gsm8k.jsonl                     # Qwen2.5-14B in 4-bit on one 80 GB GPU
+  python tiny.py learn                                       # a tiny random model learns a toy task on a CPU
+  python grpo.py --resume runs/NAME --steps 1000             # continue a run (and lengthen it)
+  python grpo.py --eval-only --adapter runs/NAME/checkpoints/step_000500"""
+
+
+def flag(name) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def parse_args(argv=None) -> Args:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(usage="python grpo.py [--flag VALUE ...]", epilog=EXAMPLES,
+                                     description=__doc__.split("\n\n")[0].strip(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.error = fail  # a bad flag or value is one line, not the 60-flag usage message
     for f in dataclasses.fields(Args):
-        flag = "--" + f.name.replace("_", "-")
+        if f.name in ARG_GROUPS:
+            group = parser.add_argument_group(ARG_GROUPS[f.name])
+        shown = f" (default: {f.default})" if f.default not in ("", None) else ""
+        help = (f.metadata["help"] + shown).replace("%", "%%")  # argparse formats help with %
         if f.type in (bool, "bool"):  # --x / --no-x
-            parser.add_argument(flag, default=f.default, help=f.metadata["help"], action=argparse.BooleanOptionalAction)
+            group.add_argument(flag(f.name), default=f.default, help=help, action=argparse.BooleanOptionalAction)
         else:
-            parser.add_argument(flag, default=f.default, help=f.metadata["help"], type=type(f.default))
+            group.add_argument(flag(f.name), default=f.default, help=help, type=type(f.default),
+                               choices=f.metadata["choices"], metavar=None if f.metadata["choices"] else f.name.upper())
     return Args(**vars(parser.parse_args(argv)))
 
 
@@ -180,32 +222,27 @@ def fail(message):
     raise SystemExit(f"grpo.py: error: {message}")
 
 
+def in_interval(value, interval) -> bool:
+    """value inside an interval written as in arg(): "[1, inf)", "(0, 1]". NaN is inside none."""
+    low, high = (float(bound) for bound in interval[1:-1].split(","))
+    above = value >= low if interval[0] == "[" else value > low
+    below = value <= high if interval[-1] == "]" else value < high
+    return above and below
+
+
 def check_args(args: Args, world_size: int = 1):
-    """Reject impossible settings before anything slow happens."""
-    if args.group_size < 2:
-        fail(f"--group-size {args.group_size}: GRPO needs at least 2 completions per prompt to compare")
-    if args.generation_chunk < 0:
-        fail(f"--generation-chunk must be 0 (sized from memory) or a number of sequences (got {args.generation_chunk})")
-    for name in ("prompts_per_step", "micro_batch", "max_new_tokens", "steps", "num_iterations"):
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
-    if args.micro_batch_tokens < 0:
-        fail(f"--micro-batch-tokens must be 0 (off) or positive (got {args.micro_batch_tokens})")
+    """Reject impossible settings before anything slow happens: every field against its choices or its
+    valid range (from Args), then the few rules that involve two settings."""
+    for f in dataclasses.fields(Args):
+        value, choices, valid = getattr(args, f.name), f.metadata["choices"], f.metadata["valid"]
+        if choices and value not in choices:
+            fail(f"{flag(f.name)} {value!r}: choose one of {', '.join(choices)}")
+        if valid and not in_interval(value, valid):
+            fail(f"{flag(f.name)} {value} is outside its valid range {valid} ({f.metadata['help']})")
     if args.prompts_per_step % world_size:
         fail(f"--prompts-per-step {args.prompts_per_step} does not split into whole groups over {world_size} ranks")
-    choices = {"agg": ("seq", "token", "dr_grpo"), "overlong": ("keep", "mask", "penalty"), "ratio_level": ("token", "sequence"),
-               "generation_model": ("auto", "policy", "merged"), "cpu_sampler": ("inverse_cdf", "multinomial"),
-               "report_to": ("none", "tensorboard", "wandb"),
-               "lr_schedule": ("cosine", "constant")}
-    for name, allowed in choices.items():
-        if getattr(args, name) not in allowed:
-            fail(f"--{name.replace('_', '-')} {getattr(args, name)!r}: choose one of {', '.join(allowed)}")
     if args.adapter and not args.eval_only:
         fail("--adapter is for --eval-only; to continue training a run, use --resume RUN_DIR")
-    if not (0 <= args.clip_low < 1 and args.clip_high >= 0):
-        fail(f"clip range [1 - {args.clip_low}, 1 + {args.clip_high}] is empty or negative")
-    if not 0 < args.top_entropy_quantile <= 1:
-        fail(f"--top-entropy-quantile {args.top_entropy_quantile}: must be in (0, 1] (a fraction of the tokens)")
 
 
 # -----------------------------------------------------------------------------
@@ -1086,8 +1123,8 @@ def update_adapters(model, batch, optimizer, scheduler, args: Args, temperature,
 
 
 def temperature_at(step, args: Args) -> float:
-    """Linear from --temperature to --temperature-end over the run (constant when the end is < 0)."""
-    if args.temperature_end < 0 or args.steps == 1:
+    """Linear from --temperature to --temperature-end over the run (constant when the end is 0)."""
+    if args.temperature_end == 0 or args.steps == 1:
         return args.temperature
     return args.temperature + (args.temperature_end - args.temperature) * step / (args.steps - 1)
 

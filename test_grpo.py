@@ -803,6 +803,66 @@ def test_cli_is_generated_from_args():
     assert grpo.parse_args([]) == grpo.Args()
 
 
+def test_help_is_grouped_shows_choices_and_examples_and_no_empty_default():
+    process = subprocess.run([sys.executable, str(ROOT / "grpo.py"), "--help"], capture_output=True, text=True, timeout=120)
+    assert process.returncode == 0
+    text = process.stdout
+    assert "(default: )" not in text and "(default: None)" not in text
+    for group in ("run and logging:", "model and QLoRA:", "rollout:", "reward:", "loss:", "optimization:"):
+        assert f"\n{group}\n" in text, group
+    assert "--agg {seq,token,dr_grpo}" in text and "--overlong {keep,mask,penalty}" in text
+    assert "examples:\n  python grpo.py --data data/gsm8k.jsonl" in text
+    assert "--lora-rank, --lora-alpha" in text  # --resume names the flags that must match the run's
+    # Every field is in some group, under its own flag, in Args' order.
+    positions = [text.index(f"  --{f.name.replace('_', '-')}") for f in dataclasses.fields(grpo.Args)]
+    assert positions == sorted(positions)
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--agg", "mean"], "argument --agg: invalid choice: 'mean'"),
+    (["--steps", "x"], "argument --steps: invalid int value: 'x'"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+])
+def test_a_bad_flag_or_choice_on_the_command_line_is_one_line(argv, expected):
+    process = subprocess.run([sys.executable, str(ROOT / "grpo.py"), *argv], capture_output=True, text=True, timeout=120)
+    assert process.returncode != 0 and process.stdout == ""
+    assert process.stderr.splitlines() == [process.stderr.strip()] and expected in process.stderr
+
+
+# Values a user may well type, each outside what its flag can mean.
+OUT_OF_RANGE = [("lr", -1.0), ("lr", float("nan")), ("top_p", 0.0), ("top_p", 1.5), ("temperature", 0.0),
+                ("temperature", -0.7), ("temperature_end", -1.0), ("group_size", 1), ("prompts_per_step", 0),
+                ("max_new_tokens", 0), ("lora_rank", 0), ("lora_dropout", 1.0), ("beta", -0.1), ("clip_low", 1.0),
+                ("clip_high", -0.2), ("top_entropy_quantile", 0.0), ("num_iterations", 0), ("micro_batch", 0),
+                ("micro_batch_tokens", -5), ("warmup_steps", -1), ("max_grad_norm", float("inf")),
+                ("weight_decay", -0.01), ("keep_last", 0), ("eval_n", -1), ("code_timeout", 0.0), ("reward_workers", 0),
+                ("logprob_memory_mb", 0), ("generation_chunk", -1), ("seed", -3), ("correct_weight", float("inf")),
+                ("overlong_penalty", -1.0), ("max_bad_steps", 0), ("steps", 0)]
+
+
+@pytest.mark.parametrize("name,value", OUT_OF_RANGE)
+def test_every_out_of_range_number_is_refused_in_one_line_before_anything_loads(name, value, monkeypatch):
+    monkeypatch.setattr(grpo, "init_distributed", lambda args: pytest.fail("got past the checks"))
+    args = dataclasses.replace(grpo.Args(), **{name: value})
+    with pytest.raises(SystemExit) as raised:
+        grpo.main(args)
+    message = str(raised.value.code)
+    assert message.startswith(f"grpo.py: error: --{name.replace('_', '-')} {value} ") and "\n" not in message
+
+
+def test_every_numeric_flag_has_a_valid_range_and_its_default_is_inside_it():
+    for f in dataclasses.fields(grpo.Args):
+        if f.type in (int, float, "int", "float"):
+            assert f.metadata["valid"], f"--{f.name} has no valid range"
+            assert grpo.in_interval(f.default, f.metadata["valid"]), f.name
+        if f.metadata["choices"]:
+            assert f.default in f.metadata["choices"], f.name
+    # The interval reading, by hand.
+    assert grpo.in_interval(1, "[1, inf)") and not grpo.in_interval(1, "(1, inf)")
+    assert grpo.in_interval(1.0, "(0, 1]") and not grpo.in_interval(1.0, "(0, 1)") and not grpo.in_interval(0, "(0, 1]")
+    assert not grpo.in_interval(float("inf"), "(-inf, inf)") and not grpo.in_interval(float("nan"), "(-inf, inf)")
+
+
 def test_import_does_not_load_a_model_or_read_argv():
     code = "import sys; sys.argv = ['x', '--bogus']; import grpo; print('transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
@@ -816,7 +876,7 @@ def test_import_does_not_load_a_model_or_read_argv():
 def test_temperature_anneals_linearly_and_lr_warms_up_then_follows_cosine():
     args = grpo.Args(steps=5, temperature=1.2, temperature_end=0.4, warmup_steps=2, lr_schedule="cosine")
     assert [grpo.temperature_at(s, args) for s in range(5)] == pytest.approx([1.2, 1.0, 0.8, 0.6, 0.4])
-    assert grpo.temperature_at(3, dataclasses.replace(args, temperature_end=-1)) == 1.2
+    assert grpo.temperature_at(3, dataclasses.replace(args, temperature_end=0)) == 1.2
     factors = [grpo.lr_factor(s, args) for s in range(5)]
     # warmup: 1/2, 2/2; then cosine over the remaining 3 steps: progress 0, 1/3, 2/3
     assert factors == pytest.approx([0.5, 1.0, 1.0, 0.5 * (1 + math.cos(math.pi / 3)), 0.5 * (1 + math.cos(2 * math.pi / 3))])
