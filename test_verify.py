@@ -45,6 +45,7 @@ def test_every_gsm8k_test_gold_scores_one_boxed_zero_when_wrong_and_raw_only_len
     ("\\boxed{-3}", "-3"), ("\\boxed{\\frac{3}{2}}", "1.5"), ("\\boxed{\\dfrac{1}{2}}", "0.5"), ("\\boxed{3/2}", "1.5"),
     ("\\boxed{72.}", "72"), ("\\boxed{0.50}", "1/2"), ("\\boxed{\\$5}", "5"), ("\\boxed{10\\text{ apples}}", "10"),
     ("first \\boxed{1} then \\boxed{2}", "2"), ("\\boxed{-\\frac{1}{4}}", "-0.25"), ("\\boxed{1,000,000}", "1000000"),
+    ("\\boxed{(144)/(2)}", "72"), ("\\boxed{(72)}", "72"), ("\\boxed{((3)/(4))}", "0.75"), ("\\boxed{(-144)/(2)}", "-72"),
 ])
 def test_math_reward_accepts_equal_numbers_in_any_usual_form(completion, answer):
     assert math_reward(completion, answer) == 1.0
@@ -53,7 +54,7 @@ def test_math_reward_accepts_equal_numbers_in_any_usual_form(completion, answer)
 @pytest.mark.parametrize("completion,answer", [
     ("\\boxed{720}", "72"), ("\\boxed{7.2}", "72"), ("\\boxed{-72}", "72"), ("\\boxed{72 apples and 3}", "72"),
     ("\\boxed{}", "0"), ("\\boxed{x}", "1"), ("72", "72"), ("\\boxed{1}", "not a number"), ("\\boxed{1/0}", "1"),
-    ("\\boxed{2} \\boxed{1}", "2"), ("\\boxed{1,23}", "123"),
+    ("\\boxed{2} \\boxed{1}", "2"), ("\\boxed{1,23}", "123"), ("\\boxed{(144)/(3)}", "72"), ("\\boxed{(1}", "1"),
 ])
 def test_math_reward_rejects_everything_else(completion, answer):
     assert math_reward(completion, answer) == 0.0

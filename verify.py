@@ -73,6 +73,16 @@ def extract_answer(text, strict=True):
         return None
 
 
+def closes_at_end(text):
+    """True iff the parenthesis that opens `text` is closed by its last character."""
+    depth = 0
+    for position, character in enumerate(text):
+        depth += (character == "(") - (character == ")")
+        if depth == 0:
+            return position == len(text) - 1
+    return False
+
+
 def to_number(text):
     """A Fraction for "1,234", "$18.00", "+5", "-3", "\\frac{3}{2}", "3/2", "50%" is NOT a number
     here (ambiguous); None for anything else. GSM8K's official normalization removes commas
@@ -84,8 +94,8 @@ def to_number(text):
         return None
     text = re.sub(r"\\text\{[^{}]*\}|\\[,!;: ]|\\\$|\$", "", text)  # units in \text{}, LaTeX spaces, dollars
     text = text.replace("\\left", "").replace("\\right", "").strip().rstrip(".").strip()
-    if text.startswith("(") and text.endswith(")"):
-        text = text[1:-1].strip()
+    if text.startswith("(") and closes_at_end(text):
+        text = text[1:-1].strip()  # "(72)"; but "(144)/(2)" is a fraction of two parenthesised numbers
     fraction = FRACTION.match(text)
     if fraction:
         sign, numerator, denominator = (fraction.group(1), fraction.group(2), fraction.group(3)) \
