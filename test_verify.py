@@ -580,6 +580,13 @@ HARNESS_ATTACKS = {
 }
 
 
+def test_class1_names_of_builtins_the_program_defines_do_not_reach_the_tests():
+    # Its abs() would otherwise judge `abs(add(2, 3) - 5) < 1e-9` (as it returns 0, any add would pass).
+    program = "def abs(x):\n    return 0\ndef max(*a):\n    return 5\ndef add(a, b):\n    return 0\n"
+    tests = "assert abs(add(2, 3) - 5) < 1e-9\nassert max(add(2, 3), 0) == 5\n"
+    assert run_both(program, tests) == [False, False]
+
+
 @pytest.mark.parametrize("name", list(HARNESS_ATTACKS))
 def test_class1_the_program_cannot_rebind_the_judges_state(name):
     tests = TESTS_USING_ABS + "assert isinstance(add(2, 3), int)\n"
@@ -833,8 +840,8 @@ PROTOCOL_ATTACKS = {
                       "    for fd in range(3, 64):\n        try:\n            if stat.S_ISFIFO(os.fstat(fd).st_mode):\n"
                       "                os.write(fd, len(extra).to_bytes(4, 'big') + extra)\n        except OSError:\n            pass\n"
                       "    return a + b\n"),
-    "answers for another call": replies_fd_writer("len(b'[\"return\", 7, 5]').to_bytes(4, 'big') + b'[\"return\", 7, 5]'") +
-                                "def add(a, b):\n    return 0\n",
+    "answers for another call": "def add(a, b):\n" + "\n".join("    " + line for line in replies_fd_writer(
+        "len(b'[\"return\", 7, 5]').to_bytes(4, 'big') + b'[\"return\", 7, 5]'").splitlines()) + "\n    return a + b\n",
     "a forked copy answers too": "import os\ndef add(a, b):\n    os.fork()\n    return a + b\n",
     "never answers": "import time\ndef add(a, b):\n    time.sleep(1000)\n",
     "a return value over the limit": "def add(a, b):\n    return 'x' * (20 << 20)\n",
@@ -850,10 +857,23 @@ PROTOCOL_ATTACKS = {
 }
 
 
+PROTOCOL_REASONS = {  # why the judge fails each one, the kernel's layer alone (without the tripwire)
+    "a flood on every pipe": "a message of", "a frame longer than the limit": "a message of",
+    "a deeply nested frame": "RecursionError", "answers twice": "does not answer this call",
+    "answers for another call": "does not answer this call", "a forked copy answers too": "does not answer this call",
+    "never answers": "timeout", "a return value over the limit": "a message of",
+    "a return value nested too deeply": "nested too deeply", "a list that contains itself": "nested too deeply",
+    "exhausts its memory": "MemoryError", "fake protocol lines on stdout": "AssertionError",
+    "50 MB of output per call": "AssertionError", "colliding hashes in a frame (the judge stuck in C)": "",
+}
+
+
 @pytest.mark.parametrize("name", list(PROTOCOL_ATTACKS))
 def test_protocol_attacks_fail_within_the_timeout(name):
     start = time.monotonic()
-    assert run_both(PROTOCOL_ATTACKS[name], TESTS, timeout=SANDBOX_TIMEOUT) == [False, False]
+    assert verify.run_sandboxed(PROTOCOL_ATTACKS[name], TESTS, timeout=SANDBOX_TIMEOUT)[0] is False
+    passed, reason = verify.run_sandboxed(PROTOCOL_ATTACKS[name], TESTS, timeout=SANDBOX_TIMEOUT, audit=False)
+    assert not passed and PROTOCOL_REASONS[name] in reason, reason
     assert time.monotonic() - start < 2 * (SANDBOX_TIMEOUT + verify.GRACE) + 2.0  # two runs, no hang past the timeout
     check_nothing_left_behind()
 
