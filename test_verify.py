@@ -400,7 +400,7 @@ def same_tree(a, b):
     return a == b and (type(a) is not float or math.copysign(1, a) == math.copysign(1, b))
 
 
-PLAIN_VALUES = [None, True, False, 0, -7, 2 ** 53, -(2 ** 100), 10 ** 5000, 1.0, -0.0, float("nan"), float("inf"), 1e-310,
+PLAIN_VALUES = [None, True, False, 0, -7, 2 ** 53, -(2 ** 100), 10 ** 5000, [1, 10 ** 5000], [1, "a", 2.5, None, True], 1.0, -0.0, float("nan"), float("inf"), 1e-310,
                 "", "é\udcff\U0010ffff", b"\x00\xff", 3 - 4j, [], (), {}, set(), frozenset(),
                 [1, (2, [3.5, {"a": (None, b"x")}]), {frozenset({1, 2}), (1, "a")}], {(1, 2): [True], 3: {}, "k": 1.5},
                 (1,), [[[[[[0]]]]]], {1: 1.0, True: 0}]
@@ -441,7 +441,7 @@ def test_self_referential_and_too_deep_values_are_refused():
 
 
 BAD_BYTES = [b"", b"\xff\xfe", b"[" * 100_000 + b"]" * 100_000, b'{"tuple": [1], "set": [2]}', b'{"code": "print(1)"}',
-             b'{"dict": [[[1], 2]]}', b'{"int": 5}', b'{"bytes": "zz"}', b'{"complex": ["1", 2]}', b"1" * 5000,
+             b'{"dict": [[[1]], [2]]}', b'{"dict": [[1, 2], [3]]}', b'{"dict": [[1]]}', b'{"int": 5}', b'{"bytes": "zz"}', b'{"complex": ["1", 2]}', b"1" * 5000,
              b'{"set": [[1]]}', b"__import__('os')", b"\x80\x04K\x01.", b'{"__class__": "int"}']
 
 
