@@ -1,6 +1,7 @@
 """Tests for verify.py: the GSM8K golds, normalisation cases, hostile strings, hostile programs, and
 every problem of data/code.jsonl solved by a reference solution (and failed by a wrong one)."""
 
+import ctypes
 import json
 import math
 import os
@@ -545,6 +546,12 @@ def test_a_test_that_passes_a_non_plain_argument_fails_with_the_reason():
     assert not passed and "not plain data" in reason, reason
 
 
+def test_a_program_raising_stopiteration_cannot_end_the_tests_iteration_early():
+    # In one interpreter, a StopIteration from check() ends map() at once: all(map(check, cases)) is all([]).
+    program = "def check(x):\n    raise StopIteration\n"
+    assert run_both(program, "assert all(map(check, [1, 2, 3]))\nassert list(map(check, [1])) == []\n") == [False, False]
+
+
 def test_the_program_raising_a_builtin_exception_reaches_the_tests_as_that_exception():
     program = "def add(a, b):\n    raise KeyError('k')\n"
     assert verify.run_sandboxed(program, "try:\n    add(1, 2)\nexcept KeyError:\n    pass\nelse:\n    assert False\n")[0]
@@ -680,6 +687,7 @@ def test_class3_comparison_tricks_score_zero(name):
 # (the kernel alone) all score 0.0, and the machine shows no trace of them.
 
 TRAINER = os.getpid()
+SESSION_KEYRING = ctypes.CDLL(None).syscall(250, 0, -3, 1) if os.uname().machine == "x86_64" else "x86_64 only"
 OUTSIDE = str(ROOT / f"grpo_verify_escape_{os.getpid()}")  # a path in the project, outside any sandbox
 SITE_PACKAGES = sysconfig.get_paths()["purelib"]
 PTH = os.path.join(SITE_PACKAGES, f"grpo_verify_escape_{os.getpid()}.pth")
@@ -727,6 +735,8 @@ ESCAPES = {
     "hostname": passes_if("import socket\nsocket.sethostname('grpo')", "True"),
     "raise a hard rlimit": passes_if("import resource\nresource.setrlimit(resource.RLIMIT_NPROC, (10 ** 6, 10 ** 6))", "True"),
     "lower its OOM score": passes_if("open('/proc/self/oom_score_adj', 'w').write('-1000')", "True"),
+    "the trainer's session keyring": passes_if(  # keyctl(KEYCTL_GET_KEYRING_ID, KEY_SPEC_SESSION_KEYRING, 0)
+        "import ctypes\nlibc = ctypes.CDLL(None)", f"libc.syscall(250, 0, -3, 0) == {SESSION_KEYRING}"),
 }
 
 
