@@ -124,6 +124,73 @@ def test_format_reward_code(text, expected):
 
 
 # -----------------------------------------------------------------------------
+# Plain data: the only thing that crosses between the program and the judge.
+
+def same_tree(a, b):
+    """Equal values with the same exact type at every level (== alone would take 1 == 1.0 == True)."""
+    if type(a) is not type(b):
+        return False
+    if type(a) in (list, tuple):
+        return len(a) == len(b) and all(same_tree(x, y) for x, y in zip(a, b))
+    if type(a) is dict:
+        return a.keys() == b.keys() and all(same_tree(a[k], b[k]) for k in a)
+    if type(a) is float and a != a:
+        return b != b  # NaN
+    return a == b and (type(a) is not float or math.copysign(1, a) == math.copysign(1, b))
+
+
+PLAIN_VALUES = [None, True, False, 0, -7, 2 ** 53, -(2 ** 100), 10 ** 5000, [1, 10 ** 5000], [1, "a", 2.5, None, True], 1.0, -0.0, float("nan"), float("inf"), 1e-310,
+                "", "é\udcff\U0010ffff", b"\x00\xff", 3 - 4j, [], (), {}, set(), frozenset(),
+                [1, (2, [3.5, {"a": (None, b"x")}]), {frozenset({1, 2}), (1, "a")}], {(1, 2): [True], 3: {}, "k": 1.5},
+                (1,), [[[[[[0]]]]]], {1: 1.0, True: 0}]
+
+
+@pytest.mark.parametrize("value", PLAIN_VALUES, ids=range(len(PLAIN_VALUES)))
+def test_plain_data_round_trips_with_exact_types(value):
+    assert same_tree(verify.decode_plain(verify.encode_plain(value)), value)
+
+
+class IntLike(int):
+    def __eq__(self, other):
+        return True
+
+    __hash__ = int.__hash__
+
+
+NOT_PLAIN = [IntLike(1), type("S", (str,), {})("x"), type("L", (list,), {})(), type("D", (dict,), {})(), object(),
+             iter([1]), (x for x in []), len, lambda: 0, range(3), bytearray(b"x"), [1, [2, object()]],
+             {1: IntLike(2)}, {IntLike(1): 2}, (1, (2, type("F", (float,), {})(1.0)))]
+
+
+@pytest.mark.parametrize("value", NOT_PLAIN, ids=range(len(NOT_PLAIN)))
+def test_anything_but_plain_data_is_refused_when_encoding(value):
+    with pytest.raises(verify.NotPlain):
+        verify.encode_plain(value)
+
+
+def test_self_referential_and_too_deep_values_are_refused():
+    loop = []
+    loop.append(loop)
+    deep = []
+    for _ in range(100_000):
+        deep = [deep]
+    for value in (loop, deep):
+        with pytest.raises(verify.NotPlain):
+            verify.encode_plain(value)
+
+
+BAD_BYTES = [b"", b"\xff\xfe", b"[" * 100_000 + b"]" * 100_000, b'{"tuple": [1], "set": [2]}', b'{"code": "print(1)"}',
+             b'{"dict": [[[1]], [2]]}', b'{"dict": [[1, 2], [3]]}', b'{"dict": [[1]]}', b'{"int": 5}', b'{"bytes": "zz"}', b'{"complex": ["1", 2]}', b"1" * 5000,
+             b'{"set": [[1]]}', b"__import__('os')", b"\x80\x04K\x01.", b'{"__class__": "int"}']
+
+
+@pytest.mark.parametrize("data", BAD_BYTES, ids=range(len(BAD_BYTES)))
+def test_bytes_that_are_not_plain_data_are_refused_when_decoding(data):
+    with pytest.raises(verify.NotPlain):
+        verify.decode_plain(data)
+
+
+# -----------------------------------------------------------------------------
 # Code: every problem is solvable; hostile programs score 0 and leave nothing behind.
 
 REFERENCES = {
@@ -183,6 +250,25 @@ def test_code_dataset_is_ours_complete_and_every_problem_has_a_reference():
     assert {item["entry_point"] for item in items} == set(REFERENCES)
     for item in items:
         assert item["entry_point"] in item["prompt"] and "assert" in item["tests"]
+
+
+# Every test from here on runs programs in the sandbox: sandbox_available skips them (CI: fails them)
+# where this machine cannot isolate model code. The tests above need no sandbox.
+TESTS_WITHOUT_SANDBOX = {name for name in list(globals()) if name.startswith("test_")}
+REQUIRE_SANDBOX = os.environ.get("GRPO_REQUIRE_SANDBOX") == "1"  # CI: a missing capability fails, never skips
+
+
+def skip_unless(condition, missing):
+    """Skip with one line naming what this machine lacks; under GRPO_REQUIRE_SANDBOX=1 (CI) fail instead."""
+    if not condition:
+        (pytest.fail if REQUIRE_SANDBOX else pytest.skip)(f"needs {missing}")
+
+
+@pytest.fixture(autouse=True)
+def sandbox_available(request):
+    if request.node.originalname not in TESTS_WITHOUT_SANDBOX:
+        problem = verify.isolation_problem()
+        skip_unless(problem is None, f"kernel isolation for model code ({problem})")
 
 
 def test_every_code_problem_is_solved_by_its_reference_and_failed_by_a_wrong_answer():
@@ -277,13 +363,6 @@ TESTS_USING_ABS = TESTS + "assert abs(add(2, 3) - 5) < 1e-9\nassert [add(1, 1)] 
 
 
 SANDBOX_TIMEOUT = 2.0
-REQUIRE_SANDBOX = os.environ.get("GRPO_REQUIRE_SANDBOX") == "1"  # CI: a missing capability fails, never skips
-
-
-def skip_unless(condition, missing):
-    """Skip with one line naming what this machine lacks; under GRPO_REQUIRE_SANDBOX=1 (CI) fail instead."""
-    if not condition:
-        (pytest.fail if REQUIRE_SANDBOX else pytest.skip)(f"needs {missing}")
 
 
 def leftover_processes():
@@ -319,11 +398,6 @@ def check_nothing_left_behind():
     assert our_workdirs() == []  # nothing on the machine's disk
 
 
-@pytest.fixture(autouse=True, scope="module")
-def sandbox_available():
-    """The code tests need the kernel's isolation; without it they would all just see SandboxUnavailable."""
-    problem = verify.isolation_problem()
-    skip_unless(problem is None, f"kernel isolation for model code ({problem})")
 
 
 @pytest.fixture
@@ -383,73 +457,6 @@ def test_without_the_tripwire_a_forked_copy_that_also_answers_cannot_make_a_pass
     passed, reason = verify.run_sandboxed(program, TESTS, timeout=SANDBOX_TIMEOUT, audit=False)
     assert not passed and "does not answer this call" in reason, reason
     check_nothing_left_behind()
-
-
-# -----------------------------------------------------------------------------
-# Plain data: the only thing that crosses between the program and the judge.
-
-def same_tree(a, b):
-    """Equal values with the same exact type at every level (== alone would take 1 == 1.0 == True)."""
-    if type(a) is not type(b):
-        return False
-    if type(a) in (list, tuple):
-        return len(a) == len(b) and all(same_tree(x, y) for x, y in zip(a, b))
-    if type(a) is dict:
-        return a.keys() == b.keys() and all(same_tree(a[k], b[k]) for k in a)
-    if type(a) is float and a != a:
-        return b != b  # NaN
-    return a == b and (type(a) is not float or math.copysign(1, a) == math.copysign(1, b))
-
-
-PLAIN_VALUES = [None, True, False, 0, -7, 2 ** 53, -(2 ** 100), 10 ** 5000, [1, 10 ** 5000], [1, "a", 2.5, None, True], 1.0, -0.0, float("nan"), float("inf"), 1e-310,
-                "", "é\udcff\U0010ffff", b"\x00\xff", 3 - 4j, [], (), {}, set(), frozenset(),
-                [1, (2, [3.5, {"a": (None, b"x")}]), {frozenset({1, 2}), (1, "a")}], {(1, 2): [True], 3: {}, "k": 1.5},
-                (1,), [[[[[[0]]]]]], {1: 1.0, True: 0}]
-
-
-@pytest.mark.parametrize("value", PLAIN_VALUES, ids=range(len(PLAIN_VALUES)))
-def test_plain_data_round_trips_with_exact_types(value):
-    assert same_tree(verify.decode_plain(verify.encode_plain(value)), value)
-
-
-class IntLike(int):
-    def __eq__(self, other):
-        return True
-
-    __hash__ = int.__hash__
-
-
-NOT_PLAIN = [IntLike(1), type("S", (str,), {})("x"), type("L", (list,), {})(), type("D", (dict,), {})(), object(),
-             iter([1]), (x for x in []), len, lambda: 0, range(3), bytearray(b"x"), [1, [2, object()]],
-             {1: IntLike(2)}, {IntLike(1): 2}, (1, (2, type("F", (float,), {})(1.0)))]
-
-
-@pytest.mark.parametrize("value", NOT_PLAIN, ids=range(len(NOT_PLAIN)))
-def test_anything_but_plain_data_is_refused_when_encoding(value):
-    with pytest.raises(verify.NotPlain):
-        verify.encode_plain(value)
-
-
-def test_self_referential_and_too_deep_values_are_refused():
-    loop = []
-    loop.append(loop)
-    deep = []
-    for _ in range(100_000):
-        deep = [deep]
-    for value in (loop, deep):
-        with pytest.raises(verify.NotPlain):
-            verify.encode_plain(value)
-
-
-BAD_BYTES = [b"", b"\xff\xfe", b"[" * 100_000 + b"]" * 100_000, b'{"tuple": [1], "set": [2]}', b'{"code": "print(1)"}',
-             b'{"dict": [[[1]], [2]]}', b'{"dict": [[1, 2], [3]]}', b'{"dict": [[1]]}', b'{"int": 5}', b'{"bytes": "zz"}', b'{"complex": ["1", 2]}', b"1" * 5000,
-             b'{"set": [[1]]}', b"__import__('os')", b"\x80\x04K\x01.", b'{"__class__": "int"}']
-
-
-@pytest.mark.parametrize("data", BAD_BYTES, ids=range(len(BAD_BYTES)))
-def test_bytes_that_are_not_plain_data_are_refused_when_decoding(data):
-    with pytest.raises(verify.NotPlain):
-        verify.decode_plain(data)
 
 
 # -----------------------------------------------------------------------------
