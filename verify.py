@@ -2,12 +2,14 @@
 verify.py -- the rewards of grpo.py: pure functions `(completion, answer) -> float in [0, 1]`.
 
 GRPO learns whatever these pay for, so they must be hard to fool. Every public function is total: it
-never raises on any string input (it returns 0.0 instead) and returns quickly on hostile input.
+never raises on any input (it returns 0.0 instead) and returns quickly on hostile input; the one
+exception is code_reward on a machine that cannot isolate model code (SandboxUnavailable, one line).
 
     extract_answer(text, strict=True)        the last \\boxed{...} (or, lenient, the last number)
     math_reward(completion, answer, strict)  1.0 iff the extracted answer equals the gold number
     format_reward(completion, kind)          1.0 iff the completion has the format the prompt asks for
-    code_reward(completion, tests, timeout)  1.0 iff the tests pass, judged outside the program's sandbox
+    code_reward(completion, tests, timeout)  1.0 iff the tests pass: judged by a process that never runs
+                                             the program, which runs in a sandbox the kernel isolates
 
 To add a task, write one more function here and call it from `score` in grpo.py.
 """
@@ -178,8 +180,8 @@ def format_reward(completion, kind="math") -> float:
 #
 # The tests run in the judge. Each name the program defines that they call is a stub there: it sends the
 # arguments to the program, which calls its own function and sends back the return value. Only plain data
-# crosses (PLAIN below), so every comparison, `in`, `abs(...) < eps` and isclose is the judge's own, on its
-# own copies. The server never reads a request and the judge forks the sandbox before it reads one: the
+# crosses (below), so every comparison, `in`, `abs(...) < eps` and isclose is the judge's own, on its own
+# copies. The server never reads a request and the judge forks the sandbox before it reads one: the
 # tests never exist in the program's memory, on its filesystem or in its pipes.
 
 MEMORY_LIMIT = 1 << 30  # address space of each process of the sandbox, bytes
@@ -379,7 +381,8 @@ def libc_call(name, *args):
 
 
 def mount(source, target, fstype, flags, data=None):
-    encode = lambda text: None if text is None else os.fsencode(text)  # noqa: E731
+    def encode(text):
+        return None if text is None else os.fsencode(text)
     libc_call("mount", encode(source), encode(target), encode(fstype), LIBC[0].c_ulong(flags), encode(data))
 
 
@@ -461,7 +464,8 @@ def sandbox_parent(status, commands, replies, lifeline, request):
     try:
         signal.signal(signal.SIGALRM, signal.SIG_DFL)  # the judge's timer handler is not ours
         if KEYCTL is not None:  # namespaces do not separate keyrings: leave the trainer's session keyring
-            LIBC[1].syscall(KEYCTL, KEYCTL_JOIN_SESSION_KEYRING, None)
+            LIBC[1].syscall(KEYCTL, KEYCTL_JOIN_SESSION_KEYRING, None)  # a seccomp filter that refuses this
+            # refuses keyctl to the program too, so a failure here exposes nothing
         sources = []
         if request["isolate"]:
             libc_call("unshare", CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC
@@ -714,6 +718,8 @@ def serve(control_fd):
                 os.read(wake_r, 4096)
                 continue
             message, fds, _, _ = socket.recv_fds(control, 4096, 1)
+            if message and not fds:
+                continue  # not a request (run_request always sends a socket)
             if not message:  # the trainer's end closed: it exited
                 for pid in deadlines:
                     os.kill(pid, signal.SIGKILL)
