@@ -722,6 +722,9 @@ ESCAPES = {
     "usercustomize in the home directory": passes_if(
         "d = '/root/.local/lib/python3.11/site-packages'\nos.makedirs(d, exist_ok=True)\nopen(d + '/usercustomize.py', 'w').write('x')", "True"),
     # Looking around.
+    "list site-packages (benchmark packages ship tests)": passes_if(f"x = os.listdir({SITE_PACKAGES!r})", "x"),
+    "list Debian's dist-packages": passes_if("import glob\nx = [f for d in glob.glob('/usr/lib/python3*/dist-packages') "
+                                             "for f in os.listdir(d)]", "x"),
     "stat the dataset": passes_if(f"os.stat({str(CODE)!r})", "True"),
     "list the project": passes_if(f"os.listdir({str(ROOT)!r})", "True"),
     "list the home directory": passes_if("x = set(os.listdir('/root')) - {'.pyenv'}", "x"),

