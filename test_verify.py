@@ -901,6 +901,15 @@ def test_protocol_attacks_fail_within_the_timeout(name):
 # -----------------------------------------------------------------------------
 # Correct programs, threads, environment, totality.
 
+def test_the_judge_has_a_memory_limit_of_its_own():
+    # The judge is trusted but holds what the program answers: tests that grow an answer past
+    # JUDGE_MEMORY_LIMIT fail with a MemoryError there, instead of calling the kernel's OOM killer.
+    program = "def big():\n    return 'x' * (15 << 20)\n"
+    passed, reason = verify.run_sandboxed(program, "kept = big() * 200\n", timeout=10.0)
+    assert not passed and "MemoryError" in reason, reason
+    assert verify.run_sandboxed(program, "kept = big() * 20\n", timeout=10.0)[0] is True
+
+
 def test_a_correct_program_passes_even_with_output_and_no_fence():
     assert code_reward(SOLUTION, TESTS) == 1.0  # no fence: the whole completion is the program
     assert code_reward("print('x' * 1_000_000)\n" + SOLUTION, TESTS) == 1.0

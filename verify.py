@@ -185,6 +185,7 @@ def format_reward(completion, kind="math") -> float:
 # tests never exist in the program's memory, on its filesystem or in its pipes.
 
 MEMORY_LIMIT = 1 << 30  # address space of each process of the sandbox, bytes
+JUDGE_MEMORY_LIMIT = 2 << 30  # address space of a judge, which holds what the program answers, bytes
 FILE_LIMIT = 1 << 20  # largest file the program may write, bytes
 WORK_SIZE = 16 << 20  # its in-memory work directory /work, bytes
 PROCESS_LIMIT = 16  # processes and threads of the sandbox's user, the 3 of the sandbox itself included
@@ -671,6 +672,7 @@ def judge(connection, request):
         signal.setitimer(signal.ITIMER_REAL, 0.1)  # again, should a test's bare except swallow this one
         raise Stop("timeout")
     signal.signal(signal.SIGALRM, time_up)
+    resource.setrlimit(resource.RLIMIT_AS, (JUDGE_MEMORY_LIMIT,) * 2)  # a MemoryError, not the OOM killer
     try:
         signal.setitimer(signal.ITIMER_REAL, max(request["timeout"], 1e-3))  # 0 would mean no timer at all
         (status_r, status_w), (commands_r, commands_w), (replies_r, replies_w), (lifeline_r, lifeline_w) = (
