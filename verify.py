@@ -887,7 +887,8 @@ def code_reward(completion, tests, timeout=5.0, unsafe_code_sandbox=False) -> fl
         its own interpreter do not exist in the judge; there is no harness state in its process to rebind,
         and no secret to steal: a pass is the judge's own verdict;
       - exits, crashes, signals, answering twice, answering late, flooding the pipe (messages over
-        MAX_MESSAGE), malformed or too deeply nested messages: a failure, never a pass;
+        MAX_MESSAGE), malformed or too deeply nested messages: a failure, never a pass; its exceptions
+        reach the tests as the same builtin class, never as StopIteration (which would end a map early);
       - the tests never enter the program's process (the sandbox forks before the judge reads them), its
         files or its pipes: it sees only the arguments of the calls.
     Where the program runs (the kernel's isolation; namespaces made with unshare(2) through libc):
@@ -902,8 +903,9 @@ def code_reward(completion, tests, timeout=5.0, unsafe_code_sandbox=False) -> fl
         cleanup cannot fail and nothing is written to the machine's disk; the rest of its root, /tmp
         included, is read-only and empty. No home, project, data, /proc, /sys or /etc exist there;
       - rlimits: CPU, 1 GiB address space per process, 1 MiB per file, PROCESS_LIMIT tasks, no core
-        files; oom_score_adj 1000 (the kernel's OOM killer takes sandboxes first); a clean environment;
-        output to /dev/null; a wall-clock timeout in the judge and a kill of the judge at timeout + GRACE.
+        files (and JUDGE_MEMORY_LIMIT for the judge); oom_score_adj 1000 for judges and sandboxes; a
+        clean environment; its own session keyring; output to /dev/null; a wall-clock timeout in the
+        judge and a kill of the judge at timeout + GRACE;
       - a tripwire (an audit hook) also fails programs that fork, exec, signal, open sockets, load ctypes or
         walk the garbage collector; it is not a boundary.
     What it does not protect against:
@@ -916,8 +918,10 @@ def code_reward(completion, tests, timeout=5.0, unsafe_code_sandbox=False) -> fl
       - with unsafe_code_sandbox=True where the kernel allows no namespaces: only the judge/plain-data
         layer, rlimits, the tripwire and, when the trainer is root, SANDBOX_UID; the program can then
         read (as the trainer's uid when not root: also write) the machine's files, use the network, and
-        leave processes behind that call setsid. Functions that need a callable, a generator or an object
-        as argument or return value fail in every mode (not plain data).
+        leave processes behind that call setsid.
+    Not supported (a fail in every mode): functions that take or return callables, generators or objects,
+    or that mutate their arguments in place; problems judged by printed output; tests that use a module
+    they do not import (the program's imports are its own).
     """
     refusal = code_sandbox_problem(unsafe_code_sandbox)
     if refusal:
