@@ -988,13 +988,14 @@ def test_as_root_every_sandbox_process_is_nobody_on_the_machine_with_no_capabili
     program = "import os\ndef ids():\n    return [os.getuid(), os.getgid(), os.getgroups()]\n"
     passed, reason = verify.run_sandboxed(program, "assert ids() == [0, 0, []]\n")  # root of its own namespace...
     assert passed, reason
-    # ...which is SANDBOX_UID on the machine. Seen from here while a call waits: the judge (the trainer's uid)
-    # and the sandbox's parent, init and program, all SANDBOX_UID, with no capabilities; the program and
-    # the init with no_new_privs.
-    program = "import time\ndef add(a, b):\n    time.sleep(4)\n    return a + b\n"
+    # ...which is SANDBOX_UID on the machine. Seen from here while a call waits (its tests, in the judge on
+    # this machine's filesystem, wait for a file we create once we have looked): the judge (the trainer's
+    # uid) and the sandbox's parent, init and program, all SANDBOX_UID with no capabilities and no_new_privs.
+    flag = Path(tempfile.mkdtemp(prefix="grpo_verify_flag_")) / "go"
+    tests = f"import os, time\nassert add(1, 2) == 3\nwhile not os.path.exists({str(flag)!r}):\n    time.sleep(0.01)\n"
     with ThreadPoolExecutor(1) as pool:
-        future = pool.submit(verify.run_sandboxed, program, TESTS, 10.0)
-        deadline, seen = time.monotonic() + 8.0, {}
+        future = pool.submit(verify.run_sandboxed, SOLUTION, tests, 60.0)
+        seen, deadline = {}, time.monotonic() + 30.0  # only if the sandbox misbehaves: then the asserts below fail
         while time.monotonic() < deadline and sorted(state[1] for state in seen.values()).count("0000000000000000") < 3:
             seen = {}
             for pid in leftover_processes():
@@ -1003,8 +1004,9 @@ def test_as_root_every_sandbox_process_is_nobody_on_the_machine_with_no_capabili
                 except OSError:
                     continue
                 seen[pid] = (fields["Uid"].split(), fields["CapEff"].strip(), fields["NoNewPrivs"].strip())
-            time.sleep(0.05)
+        flag.touch()
         assert future.result()[0] is True
+    shutil.rmtree(flag.parent)
     judges = [state for state in seen.values() if state[0] == ["0"] * 4]
     sandbox = [state for state in seen.values() if state[0] == [str(verify.SANDBOX_UID)] * 4]
     assert len(judges) == 1 and len(sandbox) == 3 and len(seen) == 4, seen
