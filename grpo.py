@@ -72,7 +72,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from verify import code_reward, format_reward, math_reward
+from verify import code_reward, code_sandbox_problem, format_reward, math_reward
 
 
 # -----------------------------------------------------------------------------
@@ -143,6 +143,8 @@ class Args:
     format_weight: float = arg(0.1, "weight of the format reward (one final \\boxed{} / one ```python block)", valid=ANY)
     strict: bool = arg(True, "training reward reads only \\boxed{} answers (else also the last number)")
     code_timeout: float = arg(5.0, "seconds per code_reward run", valid=POSITIVE)
+    unsafe_code_sandbox: bool = arg(False, "run model code even where the kernel cannot isolate it (UNSAFE: only "
+                                    "inside a throwaway VM; docs/verifiers.md says what still holds)")
     reward_workers: int = arg(8, "threads scoring completions in parallel", valid=AT_LEAST_1)
     # loss
     beta: float = arg(0.04, "β: KL coefficient; 0 skips the reference pass entirely", valid=AT_LEAST_0)
@@ -311,6 +313,9 @@ def load_data(args: Args) -> tuple[list[dict], list[dict]]:
     eval_items = eval_items[: args.eval_n] if args.eval_n > 0 else eval_items
     if train_items and args.prompts_per_step > len(train_items):
         fail(f"--prompts-per-step {args.prompts_per_step} is more than the {len(train_items)} items in {args.data}")
+    if any("tests" in item for item in train_items + eval_items):  # probe the code sandbox now, not an hour in
+        if problem := code_sandbox_problem(args.unsafe_code_sandbox):
+            fail(problem)
     return train_items, eval_items
 
 
@@ -690,7 +695,8 @@ def generate(model, tokenizer, prompts, args: Args, eos_ids, temperature, greedy
 def verify_completion(text, item, args: Args, strict) -> tuple[float, float]:
     """(correct, formatted) of one completion: verify.py's verdicts for its item's kind (code or math)."""
     if "tests" in item:
-        return code_reward(text, item["tests"], timeout=args.code_timeout), format_reward(text, kind="code")
+        correct = code_reward(text, item["tests"], args.code_timeout, unsafe_code_sandbox=args.unsafe_code_sandbox)
+        return correct, format_reward(text, kind="code")
     return math_reward(text, item["answer"], strict=strict), format_reward(text, kind="math")
 
 
