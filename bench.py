@@ -1,5 +1,5 @@
 """
-bench.py -- measurements behind the README's Performance section. Five subcommands:
+bench.py -- measurements behind the README's Performance section (docs/performance.md). Six subcommands:
 
   python bench.py gather [--tokens 4096 --hidden 128 --vocab 151936 --dtype float32]
       The log-prob gather alone, forward + backward (hidden gets a gradient, the lm_head weight does
@@ -18,8 +18,8 @@ bench.py -- measurements behind the README's Performance section. Five subcomman
       -- the same path as a real run; the save + reload takes ~50 s at 14B on a GPU, seconds for a
       tiny config. Each step: grpo.generate -> random rewards -> grpo.group_advantages ->
       grpo.batch_logprobs (reference, β > 0; old, μ > 1) -> grpo.accumulate_gradients -> clip + AdamW.
-      Prompts are random tokens, as in ../shared/bench/trl_anchor.py (the same seed, so the same
-      prompts as the TRL anchor). Random weights almost never emit EOS, and to make the workload
+      Prompts are random tokens (the same seed, so the same prompts as `bench.py trl`). Random
+      weights almost never emit EOS, and to make the workload
       fixed (the worst case: every completion max length) EOS is suppressed until --new-tokens
       (min_new_tokens; --allow-eos turns that off). Prints per phase seconds and peak memory, one JSON
       line per step, then a table. --naive-gather swaps grpo.token_logprobs for the naive gather to
@@ -27,7 +27,26 @@ bench.py -- measurements behind the README's Performance section. Five subcomman
 
       Full size (one 80 GB GPU):  python bench.py step --config ../shared/qwen2.5-14b/config.json
                                       --tokenizer ../shared/qwen2.5-tokenizer
-      Tiny, on a CPU:             write a small Qwen2 config.json (see TINY_CONFIG in test_grpo.py) and pass it.
+      Tiny, on a CPU:             write a small Qwen2 config.json (see TINY_CONFIG in test_grpo.py) and pass it,
+                                  or save tiny.py's model and pass its directory (--config DIR/config.json --model-dir DIR).
+
+  python bench.py trl --config CONFIG.json [the same flags as step: --model-dir DIR --prompts 16 --group 8 ...]
+      TRL's GRPOTrainer (pip install trl) on the random model step saves, with step's settings, for the side
+      by side: give both the same --model-dir (whichever runs first builds it) and the same flags. The model
+      is loaded as a TRL user loads it (from_pretrained with the same NF4 + double-quant config as
+      grpo.load_model, LoRA r / 2r on all linear layers through peft_config), the same random prompts, G,
+      --new-tokens with EOS suppressed, β, μ, lr, micro-batch (gradient accumulation to B·G), temperature,
+      grpo's default loss (TRL's loss_type "grpo"), random rewards. Both print a {"settings": ...} line read
+      back from the objects that ran (trainer config, loaded model), then one record per step in the same
+      format: seconds per phase (TRL's timed by wrapping the trainer's own methods), the step's seconds and
+      its peak memory. What TRL does its own way stays so: its adapters are bf16 (it casts QLoRA adapters),
+      its log-prob passes take the full logits.
+
+      CPU, the tiny model of `tiny.py cpu-demo` (run A and B in turn, more than once):
+        python tiny.py model /tmp/tiny-qwen --tokenizer ../shared/qwen2.5-tokenizer
+        python bench.py step --config /tmp/tiny-qwen/config.json --model-dir /tmp/tiny-qwen --device cpu \
+            --prompts 8 --group 8 --prompt-tokens 128 --new-tokens 64 --micro-batch 16 --steps 3     # A
+        python bench.py trl ... the same flags ...                                                   # B
 
   python bench.py plan [--gsm8k ../shared/data/gsm8k/train.jsonl --prompts 16 --group 8 --new-tokens 512
                        --micro-batch 16 --steps 200 --length-scale 1]
@@ -53,7 +72,7 @@ bench.py -- measurements behind the README's Performance section. Five subcomman
   python bench.py suite [--config ../shared/qwen2.5-14b/config.json --budget-s 480 --out runs/suite
                         --slice-layers 8 --only NAMES]
       The whole GPU measurement as one budgeted command (README "Full size on a GPU"): the gather at the
-      config's shape, our step and TRL's (../shared/bench/trl_anchor.py) side by side on a slice of the
+      config's shape, our step and TRL's (`bench.py trl`) side by side on a slice of the
       config with fewer layers, our step at full size, 2,048 new tokens with and without
       --offload-activations on one rollout, the 4-bit sampler at full size, and both samplers with the
       CUDA-graph decoding loop (slice-graph, full-graph, full-graph-policy). Each measurement is its
@@ -71,6 +90,8 @@ import argparse
 import contextlib
 import functools
 import gc
+import hashlib
+import importlib.util
 import inspect
 import json
 import math
@@ -499,7 +520,7 @@ def build_random_model(config_path, tokenizer, model_dir, device, seed=0, layers
 
 
 def random_prompts(tokenizer, count, length, seed=0):
-    """Random-token prompt strings, as trl_anchor.py makes them (same seed -> the same prompts). Decoded
+    """Random-token prompt strings, step's and trl's (same seed -> the same prompts). Decoded
     and re-tokenized, so the prompt length in tokens is close to, not exactly, `length`."""
     rng = random.Random(seed)
     high = min(150000, len(tokenizer))
@@ -509,6 +530,28 @@ def random_prompts(tokenizer, count, length, seed=0):
 
 def lora_snapshot(model):
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def print_settings(variant, model_dir, prompts, model, run):
+    """One JSON line of the settings a run really used, step's and trl's alike (a test holds the two equal): `run`
+    (batch, sampling, loss: read from the run's own config object) and what the loaded model is, read back from
+    it: its 4-bit layers and quantization, LoRA adapters, gradient checkpointing, the prompts (a digest)."""
+    import bitsandbytes as bnb
+    base = model.get_base_model()
+    quantization = base.config.quantization_config
+    quantization = quantization if isinstance(quantization, dict) else quantization.to_dict()
+    lora = model.peft_config["default"]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    settings = {"variant": variant, "model_dir": os.path.abspath(model_dir), **run,
+                "prompts_sha256": hashlib.sha256("\0".join(prompts).encode()).hexdigest()[:16],
+                "linears_4bit": sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()),
+                "quant_type": quantization["bnb_4bit_quant_type"], "double_quant": quantization["bnb_4bit_use_double_quant"],
+                "compute_dtype": str(quantization["bnb_4bit_compute_dtype"]), "lora_rank": lora.r,
+                "lora_alpha": lora.lora_alpha, "lora_dropout": lora.lora_dropout, "lora_targets": sorted(lora.target_modules),
+                "trainable_parameters": sum(p.numel() for p in trainable), "adapter_dtype": str(trainable[0].dtype),
+                "gradient_checkpointing": base.is_gradient_checkpointing}
+    print(json.dumps({"settings": settings}), flush=True)
+    return settings
 
 
 @contextlib.contextmanager
@@ -522,7 +565,7 @@ def measure_phase(device, seconds, peaks, used, name):
 
 
 PHASES = ("generation", "reference", "old", "policy", "optimizer")
-PHASE_TITLES = {"generation": "generation (grpo.generate)", "reference": "reference log-probs (β > 0)",
+PHASE_TITLES = {"generation": "generation (generate)", "reference": "reference log-probs (β > 0)",
                 "old": "old log-probs (μ > 1)", "policy": "policy forward+backward", "optimizer": "optimizer (clip+AdamW)"}
 
 
@@ -576,7 +619,7 @@ VARIANT_KEYS = ("name", "generation_model", "offload_activations", "prompts", "g
 
 def step_args(a, model_dir, device, variant, new_tokens):
     return grpo.Args(model=model_dir, device=device.type, prompts_per_step=variant["prompts"], group_size=variant["group"],
-                     max_new_tokens=new_tokens, micro_batch=variant["micro_batch"],
+                     max_new_tokens=new_tokens, temperature=a.temperature, micro_batch=variant["micro_batch"],
                      micro_batch_tokens=a.micro_batch_tokens, beta=a.beta,
                      num_iterations=a.num_iterations, lora_rank=a.lora_r, lora_alpha=2 * a.lora_r, lr=a.lr,
                      steps=max(1, variant["steps"]), seed=a.seed, generation_chunk=variant["generation_chunk"],
@@ -675,15 +718,40 @@ def bench_step(model, sampler, tokenizer, prompts, args, eos_ids, optimizer, rng
     return record, batch
 
 
-def step_main(a):
+def device_and_tokenizer(a):
+    """step's and trl's device (cuda when available), thread count and tokenizer (--tokenizer, else the
+    config's directory when it holds one, else ../shared/qwen2.5-tokenizer)."""
+    from transformers import AutoTokenizer
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if a.threads:
         torch.set_num_threads(a.threads)
-    from transformers import AutoTokenizer
-    tokenizer_dir = a.tokenizer or (os.path.dirname(os.path.abspath(a.config))
-                                    if os.path.exists(os.path.join(os.path.dirname(os.path.abspath(a.config)), "tokenizer.json"))
-                                    else DEFAULT_TOKENIZER)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config_dir = os.path.dirname(os.path.abspath(a.config))
+    has_tokenizer = os.path.exists(os.path.join(config_dir, "tokenizer.json"))
+    tokenizer_dir = a.tokenizer or (config_dir if has_tokenizer else DEFAULT_TOKENIZER)
+    return device, AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def saved_model_dir(a, tokenizer, device):
+    """--model-dir, or a temporary directory; the random model is built and saved there unless it already holds
+    one, so step and trl given the same --model-dir load the same weights. Returns (directory, delete it after)."""
+    model_dir = a.model_dir or tempfile.mkdtemp(prefix="bench-random-model-")
+    start = time.perf_counter()
+    if os.path.exists(os.path.join(model_dir, "config.json")):
+        print(f"reusing the random model in {model_dir}", flush=True)
+    else:
+        try:
+            parameters = build_random_model(a.config, tokenizer, model_dir, device, a.seed, a.layers)
+        except BaseException:
+            if not a.model_dir:
+                shutil.rmtree(model_dir, ignore_errors=True)
+            raise
+        print(json.dumps({"built": model_dir, "parameters": parameters, "layers": a.layers or "config",
+                          "seconds": round(time.perf_counter() - start, 1)}), flush=True)
+    return model_dir, not a.model_dir
+
+
+def step_main(a):
+    device, tokenizer = device_and_tokenizer(a)
     if a.naive_gather:
         grpo.token_logprobs = naive_token_logprobs  # sequence_logprobs looks it up at call time
     base = {"name": "", "generation_model": a.generation_model, "offload_activations": a.offload_activations,
@@ -696,16 +764,8 @@ def step_main(a):
         if unknown:
             raise SystemExit(f"bench.py: error: --variants: unknown keys {sorted(unknown)}; allowed: {', '.join(VARIANT_KEYS)}")
         variants.append({**base, **v})
-    model_dir = a.model_dir or tempfile.mkdtemp(prefix="bench-random-model-")
-    cleanup = not a.model_dir
+    model_dir, cleanup = saved_model_dir(a, tokenizer, device)
     try:
-        start = time.perf_counter()
-        if os.path.exists(os.path.join(model_dir, "config.json")):
-            print(f"reusing the random model in {model_dir}", flush=True)
-        else:
-            parameters = build_random_model(a.config, tokenizer, model_dir, device, a.seed, a.layers)
-            print(json.dumps({"built": model_dir, "parameters": parameters, "layers": a.layers or "config",
-                              "seconds": round(time.perf_counter() - start, 1)}), flush=True)
         for v in variants:
             grpo.check_args(step_args(a, model_dir, device, v, v["new_tokens"]))
         load_start = time.perf_counter()
@@ -740,6 +800,12 @@ def step_main(a):
                   f"micro-batch {v['micro_batch']}, β={a.beta}, μ={a.num_iterations}, LoRA r={a.lora_r}, sampler "
                   f"{v['generation_model']}, offload {v['offload_activations']}, gather "
                   f"{'NAIVE' if a.naive_gather else 'fused'}, {layers} layers, device {device}", flush=True)
+            args = step_args(a, model_dir, device, v, v["new_tokens"])
+            print_settings(name, model_dir, prompts, model, {
+                "sequences": args.prompts_per_step * args.group_size, "group": args.group_size, "micro_batch": args.micro_batch,
+                "new_tokens": args.max_new_tokens, "min_new_tokens": 0 if a.allow_eos else args.max_new_tokens,
+                "temperature": args.temperature, "top_p": args.top_p, "beta": args.beta, "num_iterations": args.num_iterations,
+                "lr": args.lr, "max_grad_norm": args.max_grad_norm})
             schedule = ([("warmup", v["warmup_new_tokens"])] if v["warmup_new_tokens"] and not v["reuse_rollout"] else [])
             schedule += [("measured", v["new_tokens"])] * v["steps"]
             for number, (kind, new_tokens) in enumerate(schedule, 1):
@@ -783,13 +849,186 @@ def print_step_table(records, device):
     for name in PHASES:
         if not any(name in r["seconds"] for r in records):
             continue
-        cells = "".join(f" | {r['seconds'].get(name, 0.0):>{len(r['variant'][:10]) + 6}.2f} | "
-                        f"{r['peak_gib'].get(name, 0.0):>{len(memory)}.2f}" for r in records)
+        cell = lambda values, width: f"{values[name]:>{width}.2f}" if name in values else f"{'-':>{width}}"  # noqa: E731
+        cells = "".join(f" | {cell(r['seconds'], len(r['variant'][:10]) + 6)} | {cell(r['peak_gib'], len(memory))}"
+                        for r in records)
         print(f"{PHASE_TITLES[name]:<30}{cells}")
-    cells = "".join(f" | {r['step_seconds']:>{len(r['variant'][:10]) + 6}.2f} | {'':>{len(memory)}}" for r in records)
+    cells = "".join(f" | {r['step_seconds']:>{len(r['variant'][:10]) + 6}.2f} | {r['peak_gib_max']:>{len(memory)}.2f}"
+                    for r in records)
     print(f"{'step total (incl. measuring)':<30}{cells}")
     print("generated tokens/s: " + ", ".join(f"{r['variant']} step {r['step']}: {r['generated_tokens_per_s'] or 0:.0f} "
                                              f"({r['generated_tokens']} tokens)" for r in records))
+
+
+# -----------------------------------------------------------------------------
+# trl: TRL's GRPOTrainer on the same saved model, with the same settings, for the side by side with step.
+
+
+def trl_main(a):
+    """TRL's GRPOTrainer, as a TRL user runs it (the model loaded 4-bit by from_pretrained, LoRA from a peft_config,
+    one reward function), on the random model `bench.py step` saves (the same --model-dir, built here if missing)
+    and step's settings: B prompts × G (the same random prompts), --new-tokens with EOS suppressed, β, μ, lr, LoRA
+    r / 2r on all linear layers, NF4 + double quant (compute dtype as grpo.load_model), micro-batch (gradient
+    accumulation to B·G), temperature, grpo's default loss (TRL's loss_type "grpo"), gradient clipping, random
+    rewards. Prints the settings read back from the trainer, then one record per step in step's format (phases:
+    see trl_phase_clock), peak memory over the whole step."""
+    try:
+        import datasets
+        import trl
+    except ImportError as e:
+        raise SystemExit(f"bench.py trl: TRL is not installed ({e.name} is missing): pip install trl")
+    from peft import LoraConfig
+    from transformers import PrinterCallback, ProgressCallback
+    device, tokenizer = device_and_tokenizer(a)
+    sequences = a.prompts * a.group
+    if sequences % a.micro_batch:
+        raise SystemExit(f"bench.py trl: error: --micro-batch {a.micro_batch} must divide B·G = {sequences} "
+                         f"(TRL accumulates whole micro-batches)")
+    model_dir, cleanup = saved_model_dir(a, tokenizer, device)
+    out_dir = tempfile.mkdtemp(prefix="bench-trl-")
+    try:
+        load_start = time.perf_counter()
+        model = load_4bit_for_trl(model_dir, device)
+        tokenizer.padding_side = "left"
+        eos_ids = grpo.end_of_sequence_ids(model, tokenizer)  # step's: every one is held back until --new-tokens
+        prompts, rng = random_prompts(tokenizer, a.prompts, a.prompt_tokens, a.seed)  # step's prompts, step's seed
+        dataset = datasets.Dataset.from_list([{"prompt": q} for q in prompts] * (a.steps * a.num_iterations + 1))
+
+        def random_reward(completions, **unused):  # non-zero advantages, as step's random rewards
+            return [rng.random() for _ in completions]
+        config = trl.GRPOConfig(
+            output_dir=out_dir, use_cpu=device.type == "cpu", bf16=device.type == "cuda", seed=a.seed,
+            per_device_train_batch_size=a.micro_batch, gradient_accumulation_steps=sequences // a.micro_batch,
+            num_generations=a.group, max_completion_length=a.new_tokens, temperature=a.temperature, top_p=grpo.Args.top_p,
+            generation_kwargs=None if a.allow_eos else {"min_new_tokens": a.new_tokens, "eos_token_id": eos_ids},
+            beta=a.beta, num_iterations=a.num_iterations, loss_type="grpo", learning_rate=a.lr, lr_scheduler_type="constant",
+            max_grad_norm=grpo.Args.max_grad_norm, gradient_checkpointing=a.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False}, max_steps=a.steps * a.num_iterations,
+            logging_steps=1, report_to="none", save_strategy="no", shuffle_dataset=False, disable_tqdm=True)
+        lora = LoraConfig(r=a.lora_r, lora_alpha=2 * a.lora_r, lora_dropout=0.0, target_modules="all-linear",
+                          task_type="CAUSAL_LM")  # as step gives grpo.load_model
+        trainer = trl.GRPOTrainer(model=model, reward_funcs=random_reward, args=config, train_dataset=dataset,
+                                  processing_class=tokenizer, peft_config=lora)
+        for printer in (PrinterCallback, ProgressCallback):  # TRL's own log lines: the records say it all
+            trainer.remove_callback(printer)
+        model = trainer.model
+        layers = model.get_base_model().config.num_hidden_layers
+        weights = torch.cuda.memory_allocated(device) if device.type == "cuda" else current_rss()
+        print(json.dumps({"loaded_seconds": round(time.perf_counter() - load_start, 1), "layers": layers, "trl": trl.__version__,
+                          "weights_gib": round(weights / GiB, 2),
+                          "weights_kind": "CUDA allocated" if device.type == "cuda" else "process RSS"}), flush=True)
+        records, before = [], lora_snapshot(model)
+        trainer.add_callback(trl_step_records(a, trainer, device, model_dir, prompts, tokenizer, records))
+        print(f"trl {trl.__version__}: {a.prompts} prompts × G={a.group} = {sequences} sequences, ~{a.prompt_tokens} prompt + "
+              f"{a.new_tokens} new tokens{'' if a.allow_eos else ' (EOS suppressed: all max length)'}, micro-batch "
+              f"{a.micro_batch}, β={a.beta}, μ={a.num_iterations}, LoRA r={a.lora_r}, {layers} layers, device {device}",
+              flush=True)
+        trainer.train()
+        after = lora_snapshot(model)
+        print(json.dumps({"lora_max_abs_change": max(float((after[k].float() - before[k].float()).abs().max()) for k in before),
+                          "trainable_tensors": len(before)}), flush=True)
+        print_step_table(records, device)
+        return records
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        if cleanup:
+            shutil.rmtree(model_dir, ignore_errors=True)
+
+
+def load_4bit_for_trl(model_dir, device):
+    """The saved model in 4-bit, as a TRL user loads it, with grpo.load_model's quantization config."""
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as grpo.load_model
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=compute_dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quantization, dtype=compute_dtype,
+                                                 device_map={"": device})
+    if device.type == "cpu":  # bitsandbytes' CPU trap, switched off as grpo.load_model does (see there)
+        for module in model.modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def trl_phase_clock(trainer, device):
+    """Seconds per phase of TRL's step, by wrapping the trainer's own methods: generation (_generate), reference
+    (the log-prob passes without grad: with μ > 1 they include the old log-probs), training_step and
+    _prepare_inputs (policy forward + backward = the first minus the second, which generates and scores)."""
+    seconds = {k: 0.0 for k in ("generation", "reference", "training_step", "prepare_inputs")}
+    synchronize = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+    def timed(name, method, when=lambda: True):
+        def wrapper(*positional, **keywords):
+            if not when():
+                return method(*positional, **keywords)
+            synchronize()  # CUDA's queue drained at both ends, as step's phases (not Peak: it would reset the step's)
+            start = time.perf_counter()
+            result = method(*positional, **keywords)
+            synchronize()
+            seconds[name] += time.perf_counter() - start
+            return result
+        return wrapper
+    trainer._generate = timed("generation", trainer._generate)
+    trainer._get_per_token_logps_and_entropies = timed("reference", trainer._get_per_token_logps_and_entropies,
+                                                       when=lambda: not torch.is_grad_enabled())
+    trainer.training_step = timed("training_step", trainer.training_step)
+    trainer._prepare_inputs = timed("prepare_inputs", trainer._prepare_inputs)
+    return seconds
+
+
+def trl_step_records(a, trainer, device, model_dir, prompts, tokenizer, records):
+    """A TrainerCallback: prints the settings at train begin, then appends and prints one record per GRPO step (one
+    rollout and μ optimizer steps) in step's format: phase seconds, the step's seconds and peak memory."""
+    import trl
+    from transformers import TrainerCallback
+    seconds, model, sequences = trl_phase_clock(trainer, device), trainer.model, a.prompts * a.group
+    prompt_tokens = max(len(ids) for ids in tokenizer(prompts)["input_ids"])  # what TRL tokenizes them to
+
+    class StepRecords(TrainerCallback):
+        logs, peak = {}, None
+
+        def on_train_begin(self, args, state, control, **unused):
+            print_settings("trl", model_dir, prompts, model, {
+                "sequences": args.generation_batch_size, "group": args.num_generations,
+                "micro_batch": args.per_device_train_batch_size, "new_tokens": args.max_completion_length,
+                "min_new_tokens": trainer.generation_config.min_new_tokens or 0, "temperature": args.temperature,
+                "top_p": args.top_p, "beta": args.beta, "num_iterations": args.num_iterations,
+                "lr": args.learning_rate, "max_grad_norm": args.max_grad_norm})
+
+        def on_step_begin(self, args, state, control, **unused):
+            if state.global_step % a.num_iterations == 0:
+                seconds.update({k: 0.0 for k in seconds})
+                self.logs, self.peak = {}, Peak(device).__enter__()
+
+        def on_step_end(self, args, state, control, **unused):
+            if state.global_step % a.num_iterations == 0:
+                self.peak.__exit__(None, None, None)
+
+        def on_log(self, args, state, control, logs=None, **unused):  # after on_step_end: the step's loss and kl
+            self.logs.update(logs or {})
+            if state.global_step % a.num_iterations or "loss" not in (logs or {}) or self.peak is None:
+                return
+            p, self.peak = self.peak, None
+            generated = round(self.logs.get("completions/mean_length", 0) * sequences)
+            phases = {"generation": seconds["generation"], "reference": seconds["reference"],
+                      "policy": seconds["training_step"] - seconds["prepare_inputs"]}
+            record = {"step": len(records) + 1, "variant": "trl", "warmup": False,
+                      "layers": model.get_base_model().config.num_hidden_layers, "sampler": "policy", "offload": False,
+                      "attention": model.config._attn_implementation, "decode": "generate", "sequences": sequences,
+                      "new_tokens": a.new_tokens, "reused_rollout": False, "device": device.type,
+                      "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "gather": "trl",
+                      "memory_kind": p.kind + " (over the whole step)",
+                      "seconds": {k: round(v, 3) for k, v in phases.items() if v > 0}, "peak_gib": {},
+                      "step_seconds": round(p.seconds, 3), "peak_gib_max": round(p.peak / GiB, 3),
+                      "generated_tokens": generated, "prompt_tokens": prompt_tokens, "completion_tokens": a.new_tokens,
+                      "generation_chunk": None,
+                      "generated_tokens_per_s": round(generated / phases["generation"], 1) if phases["generation"] else None,
+                      "loss": self.logs.get("loss"), "kl": self.logs.get("kl"), "grad_norm": self.logs.get("grad_norm"),
+                      "micro_batch": a.micro_batch, "micro_batch_tokens": 0, "padded_tokens": None, "trl": trl.__version__}
+            records.append(record)
+            print(json.dumps(record), flush=True)
+    return StepRecords()
 
 
 # -----------------------------------------------------------------------------
@@ -827,14 +1066,10 @@ def suite_plan(a, device):
         return (name, [sys.executable, here, "step", *common, "--layers", str(layers), "--model-dir", model_dir(layers),
                        "--variants", json.dumps(variants)])
 
-    def trl(name, layers, sizes, steps):
-        runs = device.type == "cuda" and os.path.exists(a.trl_anchor)  # else the TRL run is skipped: build nothing
-        if runs and not os.path.exists(os.path.join(model_dir(layers), "config.json")) and f"build-{layers}" not in dict(plan):
-            plan.append(ours(f"build-{layers}", layers, [{"name": "build only", "steps": 0}]))  # TRL loads the model ours saved
-        return (name, [sys.executable, a.trl_anchor, "--config", a.config, "--tokenizer", a.tokenizer, "--model-dir",
-                       model_dir(layers), "--prompts", str(sizes["prompts"]), "--group", str(sizes["group"]),
-                       "--prompt-tokens", str(a.prompt_tokens), "--new-tokens", str(sizes["new_tokens"]),
-                       "--micro-batch", str(a.micro_batch), "--steps", str(steps), "--beta", str(a.beta)])
+    def trl(name, layers, sizes, steps):  # TRL's GRPOTrainer on the model directory ours uses (built by whichever runs first)
+        return (name, [sys.executable, here, "trl", *common, "--layers", str(layers), "--model-dir", model_dir(layers),
+                       "--prompts", str(sizes["prompts"]), "--group", str(sizes["group"]),
+                       "--new-tokens", str(sizes["new_tokens"]), "--steps", str(steps)])
 
     def decode(name, layers, variants, check):
         return (name, [sys.executable, here, "decode", "--config", a.config, "--layers", str(layers), "--device", device.type,
@@ -874,10 +1109,8 @@ def suite_plan(a, device):
                                                          "generation_chunk": half, **graph_policy, **short}]))
     if not a.only:
         return plan
-    wanted = a.only.split(",")  # in the order given, each TRL run after the build of its model
-    wanted = [w for name in wanted for w in ([f"build-{a.slice_layers}", name] if name.endswith("trl") else [name])]
     plan = dict(plan)
-    return [(name, plan[name]) for name in dict.fromkeys(wanted) if name in plan]
+    return [(name, plan[name]) for name in dict.fromkeys(a.only.split(",")) if name in plan]  # in the order given
 
 
 def run_streaming(command, timeout, on_line):
@@ -921,10 +1154,6 @@ def suite_markdown(results):
                          f"{r['step_seconds']:.1f} | {s.get('generation', 0):.1f} | {s.get('reference', 0):.1f} | "
                          f"{s.get('policy', 0):.1f} | {r['peak_gib_max']:.2f} | {r['generated_tokens_per_s'] or '-'} | "
                          f"{r['generation_chunk'] or '-'} |")
-    trl = [r for m in results["measurements"] if "trl" in m["name"] for r in m["records"] if "seconds" in r]
-    if trl:
-        lines += ["", "| TRL measurement | step | seconds | peak GiB |", "| --- | ---: | ---: | ---: |"]
-        lines += [f"| {r['measurement']} | {r['step']} | {r['seconds']} | {r['peak_gib']} |" for r in trl]
     decode = [r for m in results["measurements"] for r in m["records"] if "ms_per_decode_step" in r]
     if decode:
         lines += ["", "| decode variant | layers | batch × prompt | ms per decode step | prefill s | first call s | peak GiB | "
@@ -964,12 +1193,8 @@ def suite_main(a):
         measurement = {"name": name, "command": " ".join(command), "records": [], "exit": "not run", "seconds": 0}
         results["measurements"].append(measurement)
         remaining = deadline - time.monotonic()
-        if name.endswith("trl") and (device.type != "cuda" or not os.path.exists(a.trl_anchor)):
-            measurement["note"] = "skipped: the TRL anchor needs a CUDA GPU and " + a.trl_anchor
-            save()
-            continue
-        if name.endswith("trl") and not os.path.exists(os.path.join(command[command.index("--model-dir") + 1], "config.json")):
-            measurement["note"] = "skipped: our run did not leave the random model for TRL to load"
+        if name.endswith("trl") and importlib.util.find_spec("trl") is None:
+            measurement["note"] = "skipped: TRL is not installed (pip install trl)"
             save()
             continue
         if remaining < 5:
@@ -1003,6 +1228,34 @@ def suite_main(a):
 
 # -----------------------------------------------------------------------------
 # Command line.
+
+
+def add_step_settings(parser):
+    """The flags step and trl share: the same values give both the same saved model and the same settings."""
+    parser.add_argument("--config", required=True, help="config.json of the architecture (the weights are random)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer directory; default: the config's directory if it "
+                        "holds one, else ../shared/qwen2.5-tokenizer")
+    parser.add_argument("--model-dir", default=None, help="where the random model is saved (kept, and reused if "
+                        "present: step and trl given the same one load the same weights); default: a temporary "
+                        "directory, deleted at the end")
+    parser.add_argument("--device", default=None, help="cuda or cpu; default: cuda when available")
+    parser.add_argument("--prompts", type=int, default=16, help="B: prompts per step")
+    parser.add_argument("--group", type=int, default=8, help="G: completions per prompt")
+    parser.add_argument("--prompt-tokens", type=int, default=256, help="random tokens per prompt (about; see docstring)")
+    parser.add_argument("--new-tokens", type=int, default=256, help="completion length (max_new_tokens)")
+    parser.add_argument("--micro-batch", type=int, default=16, help="sequences per forward/backward")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--beta", type=float, default=0.04, help="β; 0 skips the reference pass")
+    parser.add_argument("--num-iterations", type=int, default=1, help="μ; > 1 adds the old log-probs pass")
+    parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank on every linear layer of the blocks (alpha = 2r)")
+    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--temperature", type=float, default=grpo.Args.temperature, help="sampling temperature")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layers", type=int, default=0, help="blocks of the random model; 0: the config's (fewer: a "
+                        "slice of the same width and vocabulary)")
+    parser.add_argument("--gradient-checkpointing", default=True, action=argparse.BooleanOptionalAction)
+    parser.add_argument("--allow-eos", action="store_true", help="let completions stop at EOS (default: forced max length)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default")
 
 
 def parse_args(argv=None):
@@ -1043,17 +1296,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     s = sub.add_parser("step", help="real GRPO steps on a random-weight model: seconds and peak memory per phase",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    s.add_argument("--config", required=True, help="config.json of the architecture (the weights are random)")
-    s.add_argument("--tokenizer", default=None, help="tokenizer directory; default: the config's directory if it "
-                   "holds one, else ../shared/qwen2.5-tokenizer")
-    s.add_argument("--model-dir", default=None, help="where the random model is saved (kept, and reused if present); "
-                   "default: a temporary directory, deleted at the end")
-    s.add_argument("--device", default=None, help="cuda or cpu; default: cuda when available")
-    s.add_argument("--prompts", type=int, default=16, help="B: prompts per step")
-    s.add_argument("--group", type=int, default=8, help="G: completions per prompt")
-    s.add_argument("--prompt-tokens", type=int, default=256, help="random tokens per prompt (about; see docstring)")
-    s.add_argument("--new-tokens", type=int, default=256, help="completion length (max_new_tokens)")
-    s.add_argument("--micro-batch", type=int, default=16, help="sequences per forward/backward")
+    add_step_settings(s)
     s.add_argument("--micro-batch-tokens", type=int, default=0, help="> 0: micro-batches by this token budget (grpo.py's flag)")
     s.add_argument("--lengths-from", default=None, help="a GSM8K jsonl: cut completions to its reference answers' token "
                    "lengths for the training passes (generation still runs --new-tokens)")
@@ -1061,15 +1304,7 @@ def parse_args(argv=None):
                    "(--new-tokens each), to time the training passes alone")
     s.add_argument("--inject-oom", type=int, default=0, help="this step's policy pass runs out of memory once, at its last "
                    "micro-batch (grpo's recovery halves and redoes it); 0: never")
-    s.add_argument("--steps", type=int, default=2)
-    s.add_argument("--beta", type=float, default=0.04, help="β; 0 skips the reference pass")
-    s.add_argument("--num-iterations", type=int, default=1, help="μ; > 1 adds the old log-probs pass")
-    s.add_argument("--lora-r", type=int, default=16, help="LoRA rank (alpha = 2r, as trl_anchor.py)")
-    s.add_argument("--lr", type=float, default=1e-5)
-    s.add_argument("--seed", type=int, default=0)
     s.add_argument("--generation-chunk", type=int, default=0, help="sequences per generate call; 0: sized from memory (grpo's default)")
-    s.add_argument("--layers", type=int, default=0, help="blocks of the random model; 0: the config's (fewer: a slice "
-                   "of the same width and vocabulary)")
     s.add_argument("--warmup-new-tokens", type=int, default=0, help="before the measured steps, one warm-up step with "
                    "this many new tokens (not in the table); 0: none")
     s.add_argument("--variants", default=None, help="JSON list of settings to run one after another on the one loaded "
@@ -1077,11 +1312,11 @@ def parse_args(argv=None):
                    "the previous step's rollout instead of generating")
     s.add_argument("--generation-model", default="policy", choices=("policy", "merged"))
     s.add_argument("--logprob-memory-mb", type=int, default=grpo.Args.logprob_memory_mb)
-    s.add_argument("--gradient-checkpointing", default=True, action=argparse.BooleanOptionalAction)
     s.add_argument("--offload-activations", default=False, action=argparse.BooleanOptionalAction)
     s.add_argument("--naive-gather", action="store_true", help="use a naive log_softmax + gather instead of the fused one")
-    s.add_argument("--allow-eos", action="store_true", help="let completions stop at EOS (default: forced max length)")
-    s.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default")
+    t = sub.add_parser("trl", help="TRL's GRPOTrainer on step's saved model with step's settings (pip install trl)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_step_settings(t)
     d = sub.add_parser("decode", help="ms per decode step of the dense sampler: attention and decoding loop variants",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d.add_argument("--config", required=True, help="config.json of the architecture (random weights)")
@@ -1101,8 +1336,6 @@ def parse_args(argv=None):
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     u.add_argument("--config", default=os.path.join(HERE, "..", "shared", "qwen2.5-14b", "config.json"))
     u.add_argument("--tokenizer", default=DEFAULT_TOKENIZER)
-    u.add_argument("--trl-anchor", default=os.path.join(HERE, "..", "shared", "bench", "trl_anchor.py"),
-                   help="TRL's side (GRPOTrainer); skipped when missing or without CUDA")
     u.add_argument("--out", default="runs/suite", help="suite.json, suite.md and suite.log go here")
     u.add_argument("--models-dir", default=os.path.join(tempfile.gettempdir(), "grpo-bench-models"),
                    help="random models are saved here (one per layer count) and reused by later runs")
@@ -1130,4 +1363,5 @@ def parse_args(argv=None):
 
 if __name__ == "__main__":
     a = parse_args()
-    {"gather": gather_main, "plan": plan_main, "step": step_main, "decode": decode_main, "suite": suite_main}[a.command](a)
+    {"gather": gather_main, "plan": plan_main, "step": step_main, "trl": trl_main, "decode": decode_main,
+     "suite": suite_main}[a.command](a)
