@@ -100,8 +100,7 @@ class Args:
     # run / logging
     run_name: str = arg("", "run directory name under --out-dir; default: grpo-<date>-<time>")
     out_dir: str = arg("runs", "where run directories go")
-    seed: int = arg(0, "seed for python, numpy and torch (rank r of a torchrun job samples with seed + r)",
-                    valid="[0, 2147483647]")  # numpy's seeds stop at 2^32 - 1: room for seed + rank
+    seed: int = arg(0, "seed for python, numpy and torch (torchrun rank r samples with seed + r)", valid="[0, 2147483647]")
     device: str = arg("", "cuda, cuda:N or cpu; default: cuda when available")
     sample_every: int = arg(10, "print one sample completion every this many steps; 0: never", valid=AT_LEAST_0)
     samples_per_step: int = arg(4, "prompt/completion records written to samples.jsonl per step", valid=AT_LEAST_0)
@@ -251,10 +250,9 @@ def check_args(args: Args, world_size: int = 1):
             fail(f"{flag(f.name)} {value} is outside its valid range {valid} ({f.metadata['help']})")
     if args.prompts_per_step % world_size:
         fail(f"--prompts-per-step {args.prompts_per_step} does not split into whole groups over {world_size} ranks")
-    if args.adapter and not args.eval_only:
-        fail("--adapter is for --eval-only; to continue training a run, use --resume RUN_DIR")
-    if args.adapter and not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
-        fail(f"--adapter {args.adapter}: not a saved adapter (no adapter_config.json in it)")
+    if args.adapter and not (args.eval_only and os.path.isfile(os.path.join(args.adapter, "adapter_config.json"))):
+        fail(f"--adapter {args.adapter}: evaluates a saved adapter (a directory with adapter_config.json) with --eval-only; "
+             "to continue training a run, use --resume RUN_DIR")
     device = re.fullmatch(r"(cpu|cuda)(:(\d+))?", args.device or "cpu")
     if not device or (device[1] == "cuda" and int(device[3] or 0) >= torch.cuda.device_count()):
         fail(f"--device {args.device}: choose cpu, cuda or cuda:N (this machine has {torch.cuda.device_count()} CUDA GPUs)")
@@ -1388,15 +1386,16 @@ def append_jsonl(path, records):
 def trim_records(run_dir, step, log=print) -> int:
     """At resume (rank 0): metrics.jsonl and samples.jsonl keep their records up to the checkpoint's step, byte for byte,
     and lose later ones (the run redoes them) and a line a crash cut short. Returns metrics.jsonl's last step before."""
-    for name in ("samples.jsonl", "metrics.jsonl"):
-        path = os.path.join(run_dir, name)
-        with writing(path, run_dir):
-            lines = open(path, "rb").readlines() if os.path.exists(path) else []
-            steps = [json.loads(line)["step"] if line.endswith(b"\n") else math.inf for line in lines]
-            kept = [line for line, line_step in zip(lines, steps) if line_step <= step]
-            if len(kept) < len(lines):
-                write_atomically(path, b"".join(kept))
-                log(f"{path}: dropped {len(lines) - len(kept)} records of the steps after {step}, which the run redoes")
+    for name in ("samples.jsonl", "metrics.jsonl"):  # metrics.jsonl last: its steps are returned
+        path, steps = os.path.join(run_dir, name), []
+        if os.path.exists(path):
+            with writing(path, run_dir), open(path, "rb") as f:
+                lines = f.readlines()
+                steps = [json.loads(line)["step"] if line.endswith(b"\n") else math.inf for line in lines]  # inf: cut short
+                kept = [line for line, line_step in zip(lines, steps) if line_step <= step]
+                if len(kept) < len(lines):
+                    write_atomically(path, b"".join(kept))
+                    log(f"{path}: dropped {len(lines) - len(kept)} records of the steps after {step}, which the run redoes")
     return max([line_step for line_step in steps if line_step < math.inf], default=0)
 
 
@@ -1440,9 +1439,8 @@ def announce_run(args: Args, run_dir, world_size, num_items, is_main, log=print)
 def open_report(args: Args, run_dir, is_main=True, start_step=0, logged=0):
     """--report-to: a live dashboard fed the same records as metrics.jsonl (step and eval records, same
     names, x-axis = "step"), with the run's args as its config. Returns (report(record), close()); both
-    do nothing for "none" and on ranks other than 0. The packages are optional: imported only here.
-    Resumed at start_step: TensorBoard drops its events of later steps (purge_step) and gets them again; W&B, whose
-    steps only go forward, continues its run (id in RUN_DIR/wandb_id) from the step after `logged` (trim_records)."""
+    do nothing for "none" and on ranks other than 0. The packages are optional: imported only here. Resumed at
+    start_step, TensorBoard purges its later steps; W&B (whose steps only go forward) continues after step `logged`."""
     if args.report_to == "none" or not is_main:
         return (lambda record: None), (lambda: None)
     config = dataclasses.asdict(args)
@@ -1468,12 +1466,12 @@ def open_report(args: Args, run_dir, is_main=True, start_step=0, logged=0):
     known = os.path.exists(id_path)
     if not known:
         write_atomically(id_path, os.urandom(6).hex())  # a W&B run id, new for each run (not from the seeded RNGs)
-    run = wandb.init(project=args.wandb_project, name=os.path.basename(run_dir), dir=run_dir, config=config,
-                     id=open(id_path).read(), resume="allow")
+    with open(id_path) as f:
+        run = wandb.init(project=args.wandb_project, name=os.path.basename(run_dir), dir=run_dir, config=config,
+                         id=f.read(), resume="allow")
 
     def report(record):
-        # An eval record shares its step with that step's training record: W&B merges them into one row.
-        if not known or record["step"] > logged:
+        if not known or record["step"] > logged:  # an eval record joins its step's row
             run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
     return report, run.finish
 
@@ -1569,9 +1567,8 @@ def save_checkpoint(run_dir, step, model, optimizer, scheduler, args: Args, keep
 
 
 def resume_target(args: Args, given=None, log=print):
-    """--resume RUN_DIR: (its newest checkpoint, the run's saved settings with the given ones over them); a fresh
-    run: (None, a copy of args). Settings newer than the run take today's defaults; given: main's. Refused in one
-    line: a given setting that changes what the checkpoint means (RESUME_MUST_MATCH), a run already at --steps."""
+    """--resume RUN_DIR: (its newest checkpoint, the run's saved settings (newer ones at today's defaults) with the
+    given ones over them, except RESUME_MUST_MATCH's); a fresh run: (None, a copy of args). given: main's."""
     if not args.resume:
         return None, dataclasses.replace(args)
     names = checkpoint_names(args.resume)
@@ -1701,8 +1698,9 @@ def main(args: Args, given=None):
         for step in range(start_step, args.steps):
             # Out of memory with one sequence per micro-batch saves what the run has done (one process only: the
             # other ranks of a torchrun job wait in a collective and cannot join a save).
+            oom_save = (lambda: save(step, [rng_state()])) if world_size == 1 and step > 0 else None
             result = grpo_step(step, train_items, model, sampler, tokenizer, optimizer, scheduler, args, eos_ids, pool,
-                               bad_steps, rank, world_size, log, (lambda: save(step, [rng_state()])) if world_size == 1 and step > 0 else None)
+                               bad_steps, rank, world_size, log, oom_save)
             bad_steps = result["bad_steps"]
             metrics = step_metrics(result, args, world_size)
             log(format_step_line(metrics, args.steps))

@@ -812,8 +812,8 @@ HOSTILE_INPUTS = {
     "resume a checkpoint": ({"resume": "{tmp}/old/checkpoints/step_000002"}, "no checkpoint in {tmp}/old/checkpoints/step_000002/"),
     "resume a run that has done its steps": ({"resume": "{tmp}/old"}, "the run has done 2 of its --steps 2: give --steps N above 2"),
     "resume with fewer steps than done": ({"resume": "{tmp}/old", "steps": 1}, "the run has done 2 of its --steps 1"),
-    "adapter missing": ({"eval_only": True, "adapter": "{tmp}/missing"}, "--adapter {tmp}/missing: not a saved adapter"),
-    "adapter a file": ({"eval_only": True, "adapter": "{tmp}/empty.jsonl"}, "not a saved adapter (no adapter_config.json"),
+    "adapter missing": ({"eval_only": True, "adapter": "{tmp}/missing"}, "--adapter {tmp}/missing: evaluates a saved adapter"),
+    "adapter a file": ({"eval_only": True, "adapter": "{tmp}/empty.jsonl"}, "(a directory with adapter_config.json) with --eval-only"),
     "model a file": ({"model": "{tmp}/empty.jsonl"}, "--model {tmp}/empty.jsonl: not a local model directory"),
     "seed beyond numpy's": ({"seed": 2**32}, "--seed 4294967296 is outside its valid range [0, 2147483647]"),
     "lora rank beyond the model": ({"lora_rank": 10**9}, "--lora-rank 1000000000 is more than the model's hidden size 64"),
@@ -1380,7 +1380,12 @@ def test_eval_only_reports_strict_lenient_and_format_and_plot_draws_a_png(saved_
     assert result["eval/n"] == 3 and {"eval/accuracy_strict", "eval/accuracy_lenient", "eval/format_rate"} <= result.keys()
     assert "eval/accuracy_strict" in capsys.readouterr().out
     # --resume RUN_DIR --eval-only: the run's newest checkpoint, with the run's own model and settings.
-    assert grpo.main(grpo.Args(resume=str(run_dir), eval_only=True, eval_data=args.data, eval_n=3))["metrics"][0] == result
+    from safetensors.torch import load_file
+    evaluated = grpo.main(grpo.Args(resume=str(run_dir), eval_only=True, eval_data=args.data, eval_n=3))
+    assert evaluated["metrics"][0] == result
+    saved = load_file(run_dir / "checkpoints" / "step_000002" / "adapter_model.safetensors")
+    loaded = {n.replace(".default", ""): p for n, p in adapter_tensors(evaluated["model"]).items()}
+    assert loaded.keys() == saved.keys() and all(torch.equal(p, saved[n]) for n, p in loaded.items())
     grpo.main(grpo.Args(plot=str(run_dir)))
     assert (run_dir / "metrics.png").stat().st_size > 1000
 
