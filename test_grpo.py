@@ -1553,10 +1553,10 @@ def test_a_run_killed_between_logging_and_saving_resumes_from_its_directory_with
     resumed = subprocess.run([sys.executable, str(ROOT / "grpo.py"), "--resume", str(run_dir)], capture_output=True,
                              text=True, timeout=600, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
-    assert f"{run_dir / 'metrics.jsonl'}: dropped 1 records of the steps after 2" in resumed.stdout
-    assert f"{run_dir / 'samples.jsonl'}: dropped 3 records of the steps after 2" in resumed.stdout  # 2 + the cut line
     assert logged_steps(run_dir / "metrics.jsonl") == [1, 2, 3, 4]
     assert logged_steps(run_dir / "samples.jsonl") == [1, 1, 2, 2, 3, 3, 4, 4]
+    assert f"{run_dir / 'metrics.jsonl'}: dropped 1 records of the steps after 2" in resumed.stdout
+    assert f"{run_dir / 'samples.jsonl'}: dropped 3 records of the steps after 2" in resumed.stdout  # 2 + the cut line
     # The records up to the checkpoint are the ones written before the kill, byte for byte.
     assert open(run_dir / "metrics.jsonl").read().startswith("".join(metrics_before.splitlines(keepends=True)[:2]))
     assert open(run_dir / "samples.jsonl").read().startswith("".join(samples_before.splitlines(keepends=True)[:4]))
