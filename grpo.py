@@ -203,8 +203,7 @@ def flag(name) -> str:
 
 
 def command_line(argv=None) -> dict:
-    """The flags given on the command line (sys.argv without argv), {field name: value}; the others are absent
-    (argument_default=SUPPRESS), so a resumed run can tell a flag given from a default (main's given)."""
+    """{field name: value} of the flags the command line gives, and of no others (main's given for --resume)."""
     parser = argparse.ArgumentParser(usage="python grpo.py [--flag VALUE ...]", epilog=EXAMPLES,
                                      description=__doc__.split("\n\n")[0].strip(), argument_default=argparse.SUPPRESS,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
