@@ -1541,7 +1541,7 @@ def checkpoint_names(run_dir) -> list[str]:
         if os.path.isdir(checkpoints) else []
 
 
-def save_checkpoint(run_dir, step, model, optimizer, scheduler, args: Args, keep_last, rng_states):
+def save_checkpoint(run_dir, step, model, optimizer, scheduler, args: Args, rng_states, log=print):
     """rng_states: one rng_state() per rank (each rank samples with its own generator). A save that fails is one
     line (writing); one that fails or is interrupted leaves no step_NNNNNN.tmp behind."""
     final = os.path.join(run_dir, "checkpoints", f"step_{step:06d}")
@@ -1560,8 +1560,9 @@ def save_checkpoint(run_dir, step, model, optimizer, scheduler, args: Args, keep
             os.replace(temporary, final)  # atomic: the checkpoint appears whole or not at all
     finally:
         shutil.rmtree(temporary, ignore_errors=True)  # what a failed or interrupted save wrote
-    for old in checkpoint_names(run_dir)[:-keep_last]:
+    for old in checkpoint_names(run_dir)[:-args.keep_last]:
         shutil.rmtree(os.path.join(run_dir, "checkpoints", old), ignore_errors=True)
+    log(f"saved {final}")
     return final
 
 
@@ -1688,16 +1689,14 @@ def main(args: Args, given=None):
             append_jsonl(os.path.join(run_dir, "metrics.jsonl"), [result])
         report(result)
 
-    def save(step, rng_states):
-        log(f"saved {save_checkpoint(run_dir, step, model, optimizer, scheduler, args, args.keep_last, rng_states)}")
-
     try:
         if eval_items and start_step == 0:  # the base model's score: the "before" of the run
             run_evaluation(0)
         for step in range(start_step, args.steps):
             # Out of memory with one sequence per micro-batch saves what the run has done (one process only: the
             # other ranks of a torchrun job wait in a collective and cannot join a save).
-            oom_save = (lambda: save(step, [rng_state()])) if world_size == 1 and step > 0 else None
+            oom_save = (lambda: save_checkpoint(run_dir, step, model, optimizer, scheduler, args, [rng_state()], log)
+                        ) if world_size == 1 and step > 0 else None
             result = grpo_step(step, train_items, model, sampler, tokenizer, optimizer, scheduler, args, eos_ids, pool,
                                bad_steps, rank, world_size, log, oom_save)
             bad_steps = result["bad_steps"]
@@ -1716,7 +1715,7 @@ def main(args: Args, given=None):
             if last or (args.save_every > 0 and (step + 1) % args.save_every == 0):
                 rng_states = all_gather(rng_state())  # a collective: every rank takes part, rank 0 writes
                 if is_main:
-                    save(step + 1, rng_states)
+                    save_checkpoint(run_dir, step + 1, model, optimizer, scheduler, args, rng_states, log)
             if stop["requested"]:
                 break
     finally:
