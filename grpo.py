@@ -54,6 +54,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import io
 import json
 import math
 import os
@@ -99,7 +100,7 @@ class Args:
     # run / logging
     run_name: str = arg("", "run directory name under --out-dir; default: grpo-<date>-<time>")
     out_dir: str = arg("runs", "where run directories go")
-    seed: int = arg(0, "seed for python, numpy and torch (rank r of a torchrun job samples with seed + r)", valid=AT_LEAST_0)
+    seed: int = arg(0, "seed for python, numpy and torch (torchrun rank r samples with seed + r)", valid="[0, 2147483647]")
     device: str = arg("", "cuda, cuda:N or cpu; default: cuda when available")
     sample_every: int = arg(10, "print one sample completion every this many steps; 0: never", valid=AT_LEAST_0)
     samples_per_step: int = arg(4, "prompt/completion records written to samples.jsonl per step", valid=AT_LEAST_0)
@@ -182,7 +183,8 @@ class Args:
     save_every: int = arg(50, "save a checkpoint every this many steps (and always at the end); 0: only at the end",
                           valid=AT_LEAST_0)
     keep_last: int = arg(3, "checkpoints kept; older ones are deleted", valid=AT_LEAST_1)
-    resume: str = arg("", "a run directory: continue it from its newest checkpoint. These must match the run's: "
+    resume: str = arg("", "a run directory: continue it from its newest checkpoint with its saved settings; flags given "
+                      "as well override them, except these, which must match the run's: "
                       + ", ".join("--" + name.replace("_", "-") for name in RESUME_MUST_MATCH))
 
 
@@ -193,7 +195,8 @@ ARG_GROUPS = {"run_name": "run and logging", "model": "model and QLoRA", "data":
 EXAMPLES = """examples:
   python grpo.py --data data/gsm8k.jsonl                     # Qwen2.5-14B in 4-bit on one 80 GB GPU
   python tiny.py learn                                       # a tiny random model learns a toy task on a CPU
-  python grpo.py --resume runs/NAME --steps 1000             # continue a run (and lengthen it)
+  python grpo.py --resume runs/NAME                          # continue a run with its saved settings
+  python grpo.py --resume runs/NAME --steps 1000             # ... and lengthen it
   python grpo.py --eval-only --adapter runs/NAME/checkpoints/step_000500"""
 
 
@@ -201,9 +204,10 @@ def flag(name) -> str:
     return "--" + name.replace("_", "-")
 
 
-def parse_args(argv=None) -> Args:
+def command_line(argv=None) -> dict:
+    """{field name: value} of the flags the command line gives, and of no others (main's given for --resume)."""
     parser = argparse.ArgumentParser(usage="python grpo.py [--flag VALUE ...]", epilog=EXAMPLES,
-                                     description=__doc__.split("\n\n")[0].strip(),
+                                     description=__doc__.split("\n\n")[0].strip(), argument_default=argparse.SUPPRESS,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.error = fail  # a bad flag or value is one line, not the 60-flag usage message
     for f in dataclasses.fields(Args):
@@ -212,11 +216,15 @@ def parse_args(argv=None) -> Args:
         shown = f" (default: {f.default})" if f.default not in ("", None) else ""
         help = (f.metadata["help"] + shown).replace("%", "%%")  # argparse formats help with %
         if f.type in (bool, "bool"):  # --x / --no-x
-            group.add_argument(flag(f.name), default=f.default, help=help, action=argparse.BooleanOptionalAction)
+            group.add_argument(flag(f.name), help=help, action=argparse.BooleanOptionalAction)
         else:
-            group.add_argument(flag(f.name), default=f.default, help=help, type=type(f.default),
-                               choices=f.metadata["choices"], metavar=None if f.metadata["choices"] else f.name.upper())
-    return Args(**vars(parser.parse_args(argv)))
+            group.add_argument(flag(f.name), help=help, type=type(f.default), choices=f.metadata["choices"],
+                               metavar=None if f.metadata["choices"] else f.name.upper())
+    return vars(parser.parse_args(argv))
+
+
+def parse_args(argv=None) -> Args:
+    return Args(**command_line(argv))
 
 
 def fail(message):
@@ -243,8 +251,12 @@ def check_args(args: Args, world_size: int = 1):
             fail(f"{flag(f.name)} {value} is outside its valid range {valid} ({f.metadata['help']})")
     if args.prompts_per_step % world_size:
         fail(f"--prompts-per-step {args.prompts_per_step} does not split into whole groups over {world_size} ranks")
-    if args.adapter and not args.eval_only:
-        fail("--adapter is for --eval-only; to continue training a run, use --resume RUN_DIR")
+    if args.adapter and not (args.eval_only and os.path.isfile(os.path.join(args.adapter, "adapter_config.json"))):
+        fail(f"--adapter {args.adapter}: evaluates a saved adapter (a directory with adapter_config.json) with --eval-only; "
+             "to continue training a run, use --resume RUN_DIR")
+    device = re.fullmatch(r"(cpu|cuda)(:(\d+))?", args.device or "cpu")
+    if not device or (device[1] == "cuda" and int(device[3] or 0) >= torch.cuda.device_count()):
+        fail(f"--device {args.device}: choose cpu, cuda or cuda:N (this machine has {torch.cuda.device_count()} CUDA GPUs)")
 
 
 # -----------------------------------------------------------------------------
@@ -265,24 +277,32 @@ def download_gsm8k(path):
         fail(f"{path} does not exist and GSM8K could not be downloaded ({e}). Offline? Download {url} "
              f"by hand and save it as {path}, or pass --data/--eval-data with your own jsonl")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    write_atomically(path, payload)
+
+
+def write_atomically(path, data):
+    """path's new content, whole or not at all: written beside it, then renamed over it."""
     with open(path + ".tmp", "wb") as f:
-        f.write(payload)
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
     os.replace(path + ".tmp", path)
 
 
 def load_items(path) -> list[dict]:
     """One JSON object per line: "prompt" (or GSM8K's "question") and "answer" (math) or "tests" (code)."""
-    if not os.path.exists(path):
-        if os.path.basename(path) in GSM8K_FILES:
-            download_gsm8k(path)
-        else:
-            fail(f"data file {path} does not exist")
+    if not os.path.exists(path) and os.path.basename(path) in GSM8K_FILES:
+        download_gsm8k(path)
+    if not os.path.isfile(path) or not os.access(path, os.R_OK):
+        fail(f"data file {path} " + ("is not a readable file" if os.path.exists(path) else "does not exist"))
     items = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 gets its own one-line error
+        for line_number, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue  # blank lines are allowed (e.g. a trailing newline)
             where = f"{path}:{line_number}"
+            try:  # UTF-8; a byte-order mark at the start is allowed, and the \r of \r\n line ends is JSON whitespace
+                line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                fail(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line)")
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
@@ -351,8 +371,8 @@ def batch_indices(step, batch_size, num_items, seed) -> list[int]:
 # Model: the base in 4-bit NF4 (frozen), LoRA adapters on every block linear (trained). Plumbing.
 
 
-def count_parameters(model_name) -> int:
-    """Parameters of a model from its config alone (built on the meta device: no memory, no weights)."""
+def model_config_and_size(model_name):
+    """A model's config and parameter count, from the config alone (built on the meta device: no memory, no weights)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     try:
         config = AutoConfig.from_pretrained(model_name)
@@ -361,15 +381,17 @@ def count_parameters(model_name) -> int:
              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
     with torch.device("meta"):
         meta_model = AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in meta_model.parameters())
+    return config, sum(p.numel() for p in meta_model.parameters())
 
 
 def check_model_fits(args: Args, device):
     """Say so before loading anything when a multi-billion-parameter model is asked for without a GPU."""
-    num_parameters = count_parameters(args.model)
+    config, num_parameters = model_config_and_size(args.model)
     if device.type != "cuda" and num_parameters > 2e9:
         fail(f"--model {args.model} has {num_parameters / 1e9:.1f}B parameters and this machine has no GPU: "
              "train it on a CUDA GPU, or try the tiny CPU run (python tiny.py learn)")
+    if args.lora_rank > config.hidden_size:  # a LoRA wider than the layers it adapts: a typo, and out of memory at load
+        fail(f"--lora-rank {args.lora_rank} is more than the model's hidden size {config.hidden_size}")
 
 
 def silence_known_harmless_warnings():
@@ -1348,10 +1370,38 @@ def format_step_line(m, steps) -> str:
             f"| mem {m['memory/peak_gib']:.1f} GiB")
 
 
+@contextlib.contextmanager
+def writing(path, run_dir):
+    """Writes to one of the run's files. A failure (disk full, no permission, I/O error) stops the run in one line
+    naming the file, the cause and the checkpoint to resume from (--resume redoes the steps after it, once)."""
+    try:
+        yield
+    except Exception as e:  # OSError, or a library's wrapper of one (safetensors' SafetensorError)
+        names = checkpoint_names(run_dir)
+        resume = f"{os.path.join(run_dir, 'checkpoints', names[-1])}: free space, then --resume {run_dir}" if names else "none yet"
+        fail(f"could not write {path} ({getattr(e, 'strerror', None) or e}); the last complete checkpoint is {resume}")
+
+
 def append_jsonl(path, records):
-    with open(path, "a", encoding="utf-8") as f:
+    with writing(path, os.path.dirname(path)), open(path, "a", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps(record) + "\n")
+
+
+def trim_records(run_dir, step, log=print) -> int:
+    """At resume (rank 0): metrics.jsonl and samples.jsonl keep their records up to the checkpoint's step, byte for byte,
+    and lose later ones (the run redoes them) and a line a crash cut short. Returns metrics.jsonl's last step before."""
+    for name in ("samples.jsonl", "metrics.jsonl"):  # metrics.jsonl last: its steps are returned
+        path, steps = os.path.join(run_dir, name), []
+        if os.path.exists(path):
+            with writing(path, run_dir), open(path, "rb") as f:
+                lines = f.readlines()
+                steps = [json.loads(line)["step"] if line.endswith(b"\n") else math.inf for line in lines]  # inf: cut short
+                kept = [line for line, line_step in zip(lines, steps) if line_step <= step]
+                if len(kept) < len(lines):
+                    write_atomically(path, b"".join(kept))
+                    log(f"{path}: dropped {len(lines) - len(kept)} records of the steps after {step}, which the run redoes")
+    return max([line_step for line_step in steps if line_step < math.inf], default=0)
 
 
 def write_step_records(run_dir, metrics, result, args: Args, log=print):
@@ -1369,7 +1419,8 @@ def write_step_records(run_dir, metrics, result, args: Args, log=print):
 
 
 def announce_run(args: Args, run_dir, world_size, num_items, is_main, log=print):
-    """Print the config and the batch geometry derived from it; rank 0 creates the run directory."""
+    """Print the config and the batch geometry derived from it; rank 0 makes the run directory (one that holds
+    another run is refused: --resume continues that) and writes its args.json."""
     log("config: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in dataclasses.asdict(args).items()))
     local_prompts = args.prompts_per_step // world_size
     sequences = args.prompts_per_step * args.group_size
@@ -1381,16 +1432,20 @@ def announce_run(args: Args, run_dir, world_size, num_items, is_main, log=print)
         f"μ={args.num_iterations}, {args.steps} steps = {args.steps * args.num_iterations} optimizer steps, "
         f"{num_items} training items ({args.steps * args.prompts_per_step / num_items:.2f} epochs)")
     if is_main:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(dataclasses.asdict(args), f, indent=2)
+        continued = args.resume and os.path.abspath(args.resume) == os.path.abspath(run_dir)
+        if not continued and (os.path.exists(os.path.join(run_dir, "metrics.jsonl")) or checkpoint_names(run_dir)):
+            fail(f"{run_dir} holds a run already: continue it with --resume {run_dir}, or choose another --run-name")
+        with writing(run_dir, run_dir):
+            os.makedirs(run_dir, exist_ok=True)
+            write_atomically(os.path.join(run_dir, "args.json"), json.dumps(dataclasses.asdict(args), indent=2))
         log(f"run directory {run_dir}")
 
 
-def open_report(args: Args, run_dir, is_main=True):
+def open_report(args: Args, run_dir, is_main=True, start_step=0, logged=0):
     """--report-to: a live dashboard fed the same records as metrics.jsonl (step and eval records, same
     names, x-axis = "step"), with the run's args as its config. Returns (report(record), close()); both
-    do nothing for "none" and on ranks other than 0. The packages are optional: imported only here."""
+    do nothing for "none" and on ranks other than 0. The packages are optional: imported only here. Resumed at
+    start_step, TensorBoard purges its later steps; W&B (whose steps only go forward) continues after step `logged`."""
     if args.report_to == "none" or not is_main:
         return (lambda record: None), (lambda: None)
     config = dataclasses.asdict(args)
@@ -1399,7 +1454,7 @@ def open_report(args: Args, run_dir, is_main=True):
             from torch.utils.tensorboard import SummaryWriter  # raises ImportError without the tensorboard package
         except ImportError:
             fail("--report-to tensorboard needs the tensorboard package: pip install tensorboard")
-        writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        writer = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=start_step + 1 if start_step else None)
         writer.add_text("args", "\n".join(f"    --{k.replace('_', '-')} {v}" for k, v in config.items()))  # indented: markdown code
 
         def report(record):
@@ -1412,11 +1467,17 @@ def open_report(args: Args, run_dir, is_main=True):
         import wandb
     except ImportError:
         fail("--report-to wandb needs the wandb package: pip install wandb")
-    run = wandb.init(project=args.wandb_project, name=os.path.basename(run_dir), dir=run_dir, config=config)
+    id_path = os.path.join(run_dir, "wandb_id")
+    known = os.path.exists(id_path)
+    if not known:
+        write_atomically(id_path, os.urandom(6).hex())  # a W&B run id, new for each run (not from the seeded RNGs)
+    with open(id_path) as f:
+        run = wandb.init(project=args.wandb_project, name=os.path.basename(run_dir), dir=run_dir, config=config,
+                         id=f.read(), resume="allow")
 
     def report(record):
-        # An eval record shares its step with that step's training record: W&B merges them into one row.
-        run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        if not known or record["step"] > logged:  # an eval record joins its step's row
+            run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
     return report, run.finish
 
 
@@ -1433,7 +1494,7 @@ def plot_metrics(run_dir):
     if not os.path.exists(path):
         fail(f"--plot: {path} does not exist")
     with open(path, encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
+        records = [json.loads(line) for line in f if line.endswith("\n")]  # not a line a crash cut short
     panels = [("reward/mean", "reward"), ("reward/correct", "accuracy (train)"), ("eval/accuracy_strict", "eval accuracy"),
               ("completions/mean_length", "completion length"), ("loss/kl", "KL to reference"),
               ("policy/entropy", "policy entropy")]
@@ -1467,79 +1528,86 @@ def seed_everything(seed):
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def set_rng_state(state):
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
+    if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir, step, model, optimizer, scheduler, args: Args, keep_last, rng_states):
-    """rng_states: one rng_state() per rank (each rank samples with its own generator)."""
+def checkpoint_names(run_dir) -> list[str]:
+    """The run's complete checkpoints, oldest first (a step_NNNNNN.tmp is a save under way or cut short)."""
     checkpoints = os.path.join(run_dir, "checkpoints")
-    final = os.path.join(checkpoints, f"step_{step:06d}")
+    return sorted(d for d in os.listdir(checkpoints) if d.startswith("step_") and not d.endswith(".tmp")) \
+        if os.path.isdir(checkpoints) else []
+
+
+def save_checkpoint(run_dir, step, model, optimizer, scheduler, args: Args, rng_states, log=print):
+    """rng_states: one rng_state() per rank (each rank samples with its own generator). A save that fails is one
+    line (writing); one that fails or is interrupted leaves no step_NNNNNN.tmp behind."""
+    final = os.path.join(run_dir, "checkpoints", f"step_{step:06d}")
     if os.path.isdir(final):
         return final  # this step is already saved (e.g. a periodic save that is also the last step)
     temporary = final + ".tmp"
-    shutil.rmtree(temporary, ignore_errors=True)  # leftovers of a crash during an earlier save
-    model.save_pretrained(temporary)  # adapter_model.safetensors + adapter_config.json (PeftModel.from_pretrained)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": rng_states, "data_position": step * args.prompts_per_step},
-               os.path.join(temporary, "trainer_state.pt"))
-    with open(os.path.join(temporary, "args.json"), "w") as f:
-        json.dump(dataclasses.asdict(args), f, indent=2)
-    os.replace(temporary, final)  # atomic: the checkpoint appears whole or not at all
-    for old in sorted(d for d in os.listdir(checkpoints) if d.startswith("step_") and not d.endswith(".tmp"))[:-keep_last]:
-        shutil.rmtree(os.path.join(checkpoints, old))
+    shutil.rmtree(temporary, ignore_errors=True)  # left by a process killed during an earlier save
+    try:
+        with writing(final, run_dir):
+            model.save_pretrained(temporary)  # adapter_model.safetensors + adapter_config.json (PeftModel.from_pretrained)
+            state = io.BytesIO()  # then written as a plain file: torch.save's own write errors do not name their cause
+            torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "rng": rng_states, "data_position": step * args.prompts_per_step}, state)
+            write_atomically(os.path.join(temporary, "trainer_state.pt"), state.getbuffer())
+            write_atomically(os.path.join(temporary, "args.json"), json.dumps(dataclasses.asdict(args), indent=2))
+            os.replace(temporary, final)  # atomic: the checkpoint appears whole or not at all
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)  # what a failed or interrupted save wrote
+    for old in checkpoint_names(run_dir)[:-args.keep_last]:
+        shutil.rmtree(os.path.join(run_dir, "checkpoints", old), ignore_errors=True)
+    log(f"saved {final}")
     return final
 
 
-def resume_target(args: Args):
-    """--resume RUN_DIR: (its newest checkpoint, checked against args; args pointed at RUN_DIR), or
-    (None, args) for a fresh run. The caller's args stay as they were."""
+def resume_target(args: Args, given=None, log=print):
+    """--resume RUN_DIR: (its newest checkpoint, the run's saved settings (newer ones at today's defaults) with the
+    given ones over them, except RESUME_MUST_MATCH's); a fresh run: (None, a copy of args). given: main's."""
     if not args.resume:
-        return None, args
-    path = latest_checkpoint(args.resume)
-    check_resume_args(path, args)
-    out_dir, run_name = os.path.split(os.path.abspath(args.resume.rstrip("/")))
-    return path, dataclasses.replace(args, out_dir=out_dir, run_name=run_name)
-
-
-def latest_checkpoint(run_dir):
-    """The newest complete-looking checkpoint of a run; refuses a partial one with a clear message."""
-    checkpoints = os.path.join(run_dir, "checkpoints")
-    names = sorted(d for d in os.listdir(checkpoints) if d.startswith("step_") and not d.endswith(".tmp")) \
-        if os.path.isdir(checkpoints) else []
+        return None, dataclasses.replace(args)
+    names = checkpoint_names(args.resume)
     if not names:
-        fail(f"--resume {run_dir}: no checkpoint in {checkpoints}")
-    path = os.path.join(checkpoints, names[-1])
+        fail(f"--resume {args.resume}: no checkpoint in {os.path.join(args.resume, 'checkpoints')} (give a run's directory)")
+    path = os.path.join(args.resume, "checkpoints", names[-1])
     missing = [name for name in CHECKPOINT_FILES if not os.path.isfile(os.path.join(path, name))]
     if missing:
         fail(f"checkpoint {path} is incomplete (missing {', '.join(missing)}); delete it to resume from the one before")
-    return path
-
-
-def check_resume_args(path, args: Args):
-    """Refuse to continue a run under a config that would change what its checkpoint means."""
     try:
-        with open(os.path.join(path, "args.json")) as f:
+        with open(os.path.join(path, "args.json"), encoding="utf-8") as f:
             saved = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:
         fail(f"checkpoint {path}: args.json is unreadable ({e})")
-    differences = [f"--{k.replace('_', '-')} {saved.get(k)!r} (checkpoint) vs {getattr(args, k)!r} (now)"
-                   for k in RESUME_MUST_MATCH if saved.get(k) != getattr(args, k)]
+    fields = [f.name for f in dataclasses.fields(Args)]
+    given = [n for n in fields if getattr(args, n) != getattr(Args(), n)] if given is None else given
+    # The run's own directory, unless --out-dir/--run-name are given: then it continues in a new one (a branch).
+    out_dir, run_name = os.path.split(os.path.normpath(args.resume))
+    run = Args(**{n: saved[n] for n in fields if n in saved} | {"resume": args.resume, "out_dir": out_dir, "run_name": run_name})
+    merged = dataclasses.replace(run, **{n: getattr(args, n) for n in given})
+    differences = [f"{flag(n)} {getattr(run, n)!r} (checkpoint) vs {getattr(merged, n)!r} (now)"
+                   for n in RESUME_MUST_MATCH if getattr(merged, n) != getattr(run, n)]
     if differences:
-        fail(f"--resume: the run was made with a different config: {'; '.join(differences)}")
+        fail(f"--resume: the run was made with a different config: {'; '.join(differences)} (leave these out to continue it)")
+    step = int(names[-1][len("step_"):])
+    if merged.steps <= step and not merged.eval_only:
+        fail(f"--resume: the run has done {step} of its --steps {merged.steps}: give --steps N above {step} to continue it")
+    overridden = [f"{flag(n)} {getattr(merged, n)} (saved {getattr(run, n)})" for n in fields if getattr(merged, n) != getattr(run, n)]
+    log(f"resuming {path} with the run's saved settings" + ("; overridden: " + ", ".join(overridden) if overridden else ""))
+    return path, dataclasses.replace(merged, adapter=merged.adapter or (path if merged.eval_only else ""))
 
 
-def load_checkpoint(path, model, optimizer, scheduler, rank=0, world_size=1, log=print) -> dict:
+def load_checkpoint(path, model, optimizer, scheduler, rank=0, world_size=1) -> dict:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
     try:
@@ -1557,7 +1625,6 @@ def load_checkpoint(path, model, optimizer, scheduler, rank=0, world_size=1, log
         fail(f"checkpoint {path} was written by {len(state['rng'])} ranks: resume it with the same number of ranks "
              f"(now {world_size})")
     set_rng_state(state["rng"][rank])
-    log(f"resumed from {path} at step {state['step']}")
     return state
 
 
@@ -1578,21 +1645,23 @@ def catch_stop_signals(log=print):
     return stop, {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
 
 
-def main(args: Args):
-    """Train (or evaluate, or plot). Returns {"model", "metrics"} so tests and notebooks can look inside."""
+def main(args: Args, given=None):
+    """Train (or evaluate, or plot). Returns {"model", "metrics"} so tests and notebooks can look inside. given: the
+    fields that --resume takes over the run's saved settings; None (from Python): those that differ from Args()."""
     if args.plot:
         return plot_metrics(args.plot)
+    log = print if int(os.environ.get("RANK", 0)) == 0 else (lambda *a, **k: None)
+    resume_from, args = resume_target(args, given, log)  # a private copy: out-of-memory recovery lowers its micro-batch sizes
     check_args(args, world_size=int(os.environ.get("WORLD_SIZE", 1)))
     rank, world_size, device = init_distributed(args)
-    args = dataclasses.replace(args)  # a private copy: out-of-memory recovery lowers its micro-batch sizes in place
     is_main = rank == 0
-    log = print if is_main else (lambda *a, **k: None)
     seed_everything(args.seed)  # the same on every rank, so the LoRA initialisation is identical
-    resume_from, args = resume_target(args)
     # Ranks start a second apart: rank 0's timestamp names the run for all of them.
     run_dir = os.path.join(args.out_dir, all_gather(args.run_name or time.strftime("grpo-%Y%m%d-%H%M%S"))[0])
     train_items, eval_items = load_data(args)
     check_model_fits(args, device)
+    if not args.eval_only:  # the run directory is made (or refused) before the model loads
+        announce_run(args, run_dir, world_size, len(train_items), is_main, log)
 
     model, tokenizer = load_model(args, device)
     # Every rank sees the same prompts (batch_indices uses args.seed) but samples its completions with its own seed.
@@ -1610,11 +1679,11 @@ def main(args: Args):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                                   weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, args))
-    start_step = load_checkpoint(resume_from, model, optimizer, scheduler, rank, world_size, log)["step"] if resume_from else 0
-    announce_run(args, run_dir, world_size, len(train_items), is_main, log)
+    start_step = load_checkpoint(resume_from, model, optimizer, scheduler, rank, world_size)["step"] if resume_from else 0
+    logged = trim_records(run_dir, start_step, log) if resume_from and is_main else 0  # each step's records once
     stop, previous_handlers = catch_stop_signals(log)
     history, bad_steps = [], 0
-    report, close_report = open_report(args, run_dir, is_main)  # --report-to: TensorBoard / W&B, rank 0 only
+    report, close_report = open_report(args, run_dir, is_main, start_step, logged)  # TensorBoard / W&B, rank 0 only
 
     def run_evaluation(at_step):
         """Held-out eval: one printed line, a record in history and metrics.jsonl."""
@@ -1630,18 +1699,18 @@ def main(args: Args):
         if eval_items and start_step == 0:  # the base model's score: the "before" of the run
             run_evaluation(0)
         for step in range(start_step, args.steps):
-            # save: out of memory with one sequence per micro-batch keeps what the run has done (one process
-            # only: the other ranks of a torchrun job wait in a collective and cannot join a save).
-            save = (lambda: log(f"saved {save_checkpoint(run_dir, step, model, optimizer, scheduler, args, args.keep_last, [rng_state()])}")
-                    ) if world_size == 1 and step > 0 else None
-            result = grpo_step(step, train_items, model, sampler, tokenizer, optimizer, scheduler, args, eos_ids,
-                               pool, bad_steps, rank, world_size, log, save)
+            # Out of memory with one sequence per micro-batch saves what the run has done (one process only: the
+            # other ranks of a torchrun job wait in a collective and cannot join a save).
+            oom_save = (lambda: save_checkpoint(run_dir, step, model, optimizer, scheduler, args, [rng_state()], log)
+                        ) if world_size == 1 and step > 0 else None
+            result = grpo_step(step, train_items, model, sampler, tokenizer, optimizer, scheduler, args, eos_ids, pool,
+                               bad_steps, rank, world_size, log, oom_save)
             bad_steps = result["bad_steps"]
             metrics = step_metrics(result, args, world_size)
             log(format_step_line(metrics, args.steps))
-            report(metrics)
             if is_main:
                 write_step_records(run_dir, metrics, result, args, log)
+            report(metrics)  # after metrics.jsonl: a dashboard never has a step that the file lacks (open_report)
             history.append(metrics)
 
             # A signal may reach the ranks at different moments: stop when any rank has one, all at this step.
@@ -1652,7 +1721,7 @@ def main(args: Args):
             if last or (args.save_every > 0 and (step + 1) % args.save_every == 0):
                 rng_states = all_gather(rng_state())  # a collective: every rank takes part, rank 0 writes
                 if is_main:
-                    log(f"saved {save_checkpoint(run_dir, step + 1, model, optimizer, scheduler, args, args.keep_last, rng_states)}")
+                    save_checkpoint(run_dir, step + 1, model, optimizer, scheduler, args, rng_states, log)
             if stop["requested"]:
                 break
     finally:
@@ -1664,4 +1733,5 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    flags = command_line()
+    main(Args(**flags), given=flags)

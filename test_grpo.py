@@ -737,7 +737,7 @@ def test_two_training_steps_change_lora_and_leave_the_4bit_base_bit_identical(ti
     assert len([m for m in result["metrics"] if "reward/mean" in m]) == 2
 
 
-def run_main_with_random_rewards(args):
+def run_main_with_random_rewards(args, given=None):
     """main() with uniform random rewards (non-zero advantages without a trained model). They are drawn
     from torch's global generator, which grpo.py seeds and saves in checkpoints, so runs are repeatable."""
     original = grpo.score
@@ -748,7 +748,7 @@ def run_main_with_random_rewards(args):
         return scores
     grpo.score = random_score
     try:
-        return grpo.main(args)
+        return grpo.main(args, given)
     finally:
         grpo.score = original
 
@@ -779,6 +779,98 @@ def test_bad_input_gets_one_clear_line(tiny_model_dir, tmp_path):
     assert "--ratio-level" in error_of(dataclasses.replace(base, ratio_level="geometric"))
     assert "--top-entropy-quantile 0" in error_of(dataclasses.replace(base, top_entropy_quantile=0.0))
     assert "not a local model directory" in error_of(dataclasses.replace(base, model=str(tmp_path / "no-such-model")))
+
+
+def fake_run(run_dir, args, step):
+    """A run directory as grpo.py leaves it, with one checkpoint whose files only resume_target reads (args.json)."""
+    checkpoint = Path(run_dir) / "checkpoints" / f"step_{step:06d}"
+    checkpoint.mkdir(parents=True)
+    for name in grpo.CHECKPOINT_FILES:
+        (checkpoint / name).write_text(json.dumps(args if isinstance(args, dict) else dataclasses.asdict(args)))
+    write_jsonl(Path(run_dir) / "metrics.jsonl", [{"step": s} for s in range(1, step + 1)])
+    return checkpoint
+
+
+# Inputs a user may well give, each refused in one line before the model loads: fields over a good tiny config
+# ("{tmp}" is the test's directory, which holds latin1.jsonl, empty.jsonl, list.jsonl, spaces.jsonl and a run "old"
+# that has done its 2 steps), and what the line says.
+HOSTILE_INPUTS = {
+    "data not UTF-8": ({"data": "{tmp}/latin1.jsonl"}, "{tmp}/latin1.jsonl:2: not UTF-8 text (byte 0xe9 at byte 18"),
+    "data a directory": ({"data": "{tmp}"}, "data file {tmp} is not a readable file"),
+    "eval data a directory": ({"eval_every": 1, "eval_data": "{tmp}"}, "data file {tmp} is not a readable file"),
+    "data empty": ({"data": "{tmp}/empty.jsonl"}, "data file {tmp}/empty.jsonl has no items"),
+    "a JSON line that is a list": ({"data": "{tmp}/list.jsonl"}, "{tmp}/list.jsonl:1: expected a JSON object, got list"),
+    "a prompt of spaces": ({"data": "{tmp}/spaces.jsonl"}, "{tmp}/spaces.jsonl:1: field \"prompt\" (or \"question\") is missing"),
+    "device tpu": ({"device": "tpu"}, "--device tpu: choose cpu, cuda or cuda:N"),
+    "device mps": ({"device": "mps"}, "--device mps: choose cpu, cuda or cuda:N"),
+    "device a GPU beyond the last": ({"device": f"cuda:{torch.cuda.device_count()}"},
+                                     f"(this machine has {torch.cuda.device_count()} CUDA GPUs)"),
+    "out dir a file": ({"out_dir": "{tmp}/empty.jsonl"}, "could not write {tmp}/empty.jsonl/new (Not a directory)"),
+    "run name of an existing run": ({"run_name": "old"}, "{tmp}/old holds a run already: continue it with --resume {tmp}/old"),
+    "resume a missing directory": ({"resume": "{tmp}/missing"}, "--resume {tmp}/missing: no checkpoint in {tmp}/missing/checkpoints"),
+    "resume a file": ({"resume": "{tmp}/empty.jsonl"}, "no checkpoint in {tmp}/empty.jsonl/checkpoints"),
+    "resume a checkpoint": ({"resume": "{tmp}/old/checkpoints/step_000002"}, "no checkpoint in {tmp}/old/checkpoints/step_000002/"),
+    "resume a run that has done its steps": ({"resume": "{tmp}/old"}, "the run has done 2 of its --steps 2: give --steps N above 2"),
+    "resume with fewer steps than done": ({"resume": "{tmp}/old", "steps": 1}, "the run has done 2 of its --steps 1"),
+    "adapter missing": ({"eval_only": True, "adapter": "{tmp}/missing"}, "--adapter {tmp}/missing: evaluates a saved adapter"),
+    "adapter a file": ({"eval_only": True, "adapter": "{tmp}/empty.jsonl"}, "(a directory with adapter_config.json) with --eval-only"),
+    "model a file": ({"model": "{tmp}/empty.jsonl"}, "--model {tmp}/empty.jsonl: not a local model directory"),
+    "seed beyond numpy's": ({"seed": 2**32}, "--seed 4294967296 is outside its valid range [0, 2147483647]"),
+    "lora rank beyond the model": ({"lora_rank": 10**9}, "--lora-rank 1000000000 is more than the model's hidden size 64"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_INPUTS))
+def test_hostile_input_is_one_line_before_the_model_loads(case, tiny_model_dir, tmp_path, monkeypatch):
+    good = gsm8k_head(4)
+    (tmp_path / "latin1.jsonl").write_bytes((json.dumps(good[0]) + '\n{"question": "caf\xe9", "answer": "1"}\n').encode("latin-1"))
+    (tmp_path / "empty.jsonl").write_text("\n")
+    (tmp_path / "list.jsonl").write_text("[1, 2]\n")
+    write_jsonl(tmp_path / "spaces.jsonl", [{"prompt": " \t ", "answer": "1"}])
+    base = tiny_args(tiny_model_dir, data=write_jsonl(tmp_path / "good.jsonl", good), out_dir=str(tmp_path), run_name="new")
+    fake_run(tmp_path / "old", dataclasses.replace(base, run_name="old"), step=2)
+    monkeypatch.setattr(grpo, "load_model", lambda *a, **k: pytest.fail("got past the checks to the model"))
+    fields, expected = HOSTILE_INPUTS[case]
+    args = dataclasses.replace(base, **{k: v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in fields.items()})
+    assert expected.format(tmp=tmp_path) in error_of(args)
+    assert not (tmp_path / "new").exists()  # nothing made for a run that never started
+
+
+def test_data_with_a_byte_order_mark_or_crlf_line_ends_reads_as_plain_utf8(tmp_path):
+    plain = write_jsonl(tmp_path / "plain.jsonl", gsm8k_head(3) + [{"prompt": "Café: ½ + ½?", "answer": "1"}])
+    text = open(plain, "rb").read()
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + text)
+    (tmp_path / "crlf.jsonl").write_bytes(text.replace(b"\n", b"\r\n"))
+    items = grpo.load_items(plain)
+    assert len(items) == 4 and items[3]["prompt"] == "Café: ½ + ½?"
+    assert grpo.load_items(str(tmp_path / "bom.jsonl")) == items == grpo.load_items(str(tmp_path / "crlf.jsonl"))
+
+
+def test_resume_takes_the_runs_saved_settings_and_the_flags_given_over_them(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    saved = dataclasses.asdict(dataclasses.replace(grpo.Args(), model="m", lr=0.01, steps=5, report_to="tensorboard",
+                                                   top_entropy_quantile=0.2, run_name="run", out_dir=str(tmp_path)))
+    del saved["top_entropy_quantile"]  # a run from before this setting existed: it takes today's default
+    checkpoint = str(fake_run(run_dir, saved, step=2))
+    # The command line: a flag it names is given, even at Args' default (--lr 1e-05).
+    flags = grpo.command_line(["--resume", str(run_dir), "--lr", "1e-05", "--steps", "9"])
+    path, args = grpo.resume_target(grpo.Args(**flags), flags)
+    assert path == checkpoint and (args.model, args.lr, args.steps, args.report_to) == ("m", 1e-05, 9, "tensorboard")
+    assert args.top_entropy_quantile == 1.0 and os.path.join(args.out_dir, args.run_name) == str(run_dir)
+    assert capsys.readouterr().out == (f"resuming {checkpoint} with the run's saved settings; overridden: "
+                                       "--steps 9 (saved 5), --lr 1e-05 (saved 0.01)\n")
+    # From Python, a field at Args' default cannot be told from one left out: it keeps the run's value.
+    assert grpo.resume_target(grpo.Args(resume=str(run_dir), lr=1e-5, steps=9))[1].lr == 0.01
+    capsys.readouterr()
+    grpo.resume_target(grpo.Args(resume=str(run_dir)), {"resume"})  # --resume alone: nothing overridden
+    assert capsys.readouterr().out == f"resuming {checkpoint} with the run's saved settings\n"
+    # --run-name: the run continues in a new directory (a branch); --eval-only: evaluates the newest checkpoint.
+    branch = grpo.resume_target(grpo.Args(resume=str(run_dir), run_name="branch"))[1]
+    assert (branch.out_dir, branch.run_name, branch.steps) == (str(tmp_path), "branch", 5)
+    assert grpo.resume_target(grpo.Args(resume=str(run_dir), eval_only=True))[1].adapter == checkpoint
+    message = str(pytest.raises(SystemExit, grpo.resume_target, grpo.Args(resume=str(run_dir), model="other")).value.code)
+    assert message == "grpo.py: error: --resume: the run was made with a different config: --model 'm' (checkpoint) vs " \
+                      "'other' (now) (leave these out to continue it)"
 
 
 def test_a_14b_model_on_a_machine_without_gpu_is_refused_before_loading(tmp_path):
@@ -973,18 +1065,79 @@ def test_a_save_interrupted_midway_leaves_the_previous_checkpoint_loadable(saved
     real_save = torch.save
 
     def crash(obj, path, *a, **k):
-        if str(path).endswith("trainer_state.pt"):
-            raise KeyboardInterrupt("power cut during the save")  # after the adapter was written
+        if isinstance(obj, dict) and "optimizer" in obj:
+            assert (run_dir / "checkpoints" / "step_000003.tmp" / "adapter_model.safetensors").is_file()
+            raise KeyboardInterrupt("a second Ctrl-C during the save")  # after the adapter was written
         return real_save(obj, path, *a, **k)
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
         run_main_with_random_rewards(resume_args(args, run_dir))
     monkeypatch.setattr(torch, "save", real_save)
-    assert (run_dir / "checkpoints" / "step_000003.tmp").is_dir()  # the torn save stays aside...
-    assert grpo.latest_checkpoint(str(run_dir)).endswith("step_000002")  # ...and is never picked up
+    assert not (run_dir / "checkpoints" / "step_000003.tmp").exists()  # the torn save is removed
+    assert grpo.checkpoint_names(str(run_dir)) == ["step_000001", "step_000002"]
+    (run_dir / "checkpoints" / "step_000003.tmp").mkdir()  # as a process killed mid-save leaves it: never picked up
     resumed = run_main_with_random_rewards(resume_args(args, run_dir))
     assert [m["step"] for m in resumed["metrics"]] == [3]
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["step_000001", "step_000002", "step_000003"]
+    assert logged_steps(run_dir / "metrics.jsonl") == [1, 2, 3]  # step 3's record of the interrupted run: dropped
+
+
+def logged_steps(path):
+    return [json.loads(line)["step"] for line in open(path)]
+
+
+def command_line_args(args: grpo.Args) -> list:
+    """The command line that gives every field of args, as a user retyping the whole command would."""
+    argv = []
+    for f in dataclasses.fields(grpo.Args):
+        value = getattr(args, f.name)
+        argv += [grpo.flag(f.name) if value else "--no-" + f.name.replace("_", "-")] if isinstance(value, bool) \
+            else [grpo.flag(f.name), str(value)]
+    return argv
+
+
+def run_command_line(argv):
+    """main() as `python grpo.py ARGV` calls it (the flags given are the command line's), with random rewards."""
+    flags = grpo.command_line(argv)
+    return run_main_with_random_rewards(grpo.Args(**flags), given=flags)
+
+
+def checkpoint_contents(checkpoint):
+    from safetensors.torch import load_file
+    state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+    optimizer = [(key, tensor) for moments in state["optimizer"]["state"].values() for key, tensor in moments.items()]
+    return load_file(checkpoint / "adapter_model.safetensors"), optimizer, state["scheduler"], state["rng"]
+
+
+def test_resume_from_the_run_directory_alone_equals_retyping_the_whole_command_bit_for_bit(tiny_model_dir, gsm8k_few,
+                                                                                           tmp_path):
+    """A run killed after step 2 was logged but before it was saved, continued with `--resume RUN_DIR` alone and
+    with the whole original command + --resume: the same adapter, optimizer state, RNG state and metrics, equal to
+    the run that was never interrupted, and each step logged once."""
+    import shutil
+    args = tiny_args(tiny_model_dir, data=gsm8k_few, out_dir=str(tmp_path), run_name="straight", steps=2, save_every=1,
+                     lr_schedule="constant", temperature=1.3, top_p=0.9)
+    run_main_with_random_rewards(args)
+    for name in ("alone", "retyped"):
+        shutil.copytree(tmp_path / "straight", tmp_path / name)
+        shutil.rmtree(tmp_path / name / "checkpoints" / "step_000002")  # killed before step 2's save
+    run_command_line(["--resume", str(tmp_path / "alone")])
+    run_command_line(command_line_args(dataclasses.replace(args, run_name="retyped")) + ["--resume", str(tmp_path / "retyped")])
+    timings = ("time/", "throughput/", "memory/")
+    runs = {}
+    for name in ("straight", "alone", "retyped"):
+        adapter, optimizer, scheduler, rng = checkpoint_contents(tmp_path / name / "checkpoints" / "step_000002")
+        metrics = [{k: v for k, v in json.loads(line).items() if not k.startswith(timings)}
+                   for line in open(tmp_path / name / "metrics.jsonl")]
+        runs[name] = adapter, optimizer, scheduler, metrics, rng
+    for name in ("alone", "retyped"):
+        adapter, optimizer, scheduler, metrics, rng = runs[name]
+        assert adapter.keys() == runs["straight"][0].keys() and all(torch.equal(t, runs["straight"][0][k]) for k, t in adapter.items())
+        assert [k for k, _ in optimizer] == [k for k, _ in runs["straight"][1]] and len(optimizer) > 0
+        assert all(torch.equal(t, u) for (_, t), (_, u) in zip(optimizer, runs["straight"][1])), name
+        assert scheduler == runs["straight"][2] and metrics == runs["straight"][3], name
+        assert all(torch.equal(a["torch"], b["torch"]) for a, b in zip(rng, runs["straight"][4]))
+        assert [m["step"] for m in metrics] == [1, 2] and len(logged_steps(tmp_path / name / "samples.jsonl")) == 2 * 4
 
 
 def test_non_finite_loss_skips_updates_then_stops_with_the_last_good_checkpoint(tiny_model_dir, gsm8k_few, tmp_path,
@@ -1226,6 +1379,13 @@ def test_eval_only_reports_strict_lenient_and_format_and_plot_draws_a_png(saved_
     result = grpo.main(evaluation)["metrics"][0]
     assert result["eval/n"] == 3 and {"eval/accuracy_strict", "eval/accuracy_lenient", "eval/format_rate"} <= result.keys()
     assert "eval/accuracy_strict" in capsys.readouterr().out
+    # --resume RUN_DIR --eval-only: the run's newest checkpoint, with the run's own model and settings.
+    from safetensors.torch import load_file
+    evaluated = grpo.main(grpo.Args(resume=str(run_dir), eval_only=True, eval_data=args.data, eval_n=3))
+    assert evaluated["metrics"][0] == result
+    saved = load_file(run_dir / "checkpoints" / "step_000002" / "adapter_model.safetensors")
+    loaded = {n.replace(".default", ""): p for n, p in adapter_tensors(evaluated["model"]).items()}
+    assert loaded.keys() == saved.keys() and all(torch.equal(p, saved[n]) for n, p in loaded.items())
     grpo.main(grpo.Args(plot=str(run_dir)))
     assert (run_dir / "metrics.png").stat().st_size > 1000
 
@@ -1351,6 +1511,121 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_model_dir, gsm8k_few,
     assert "stopping after this step" in text and "Traceback" not in text
     saved = sorted(os.listdir(tmp_path / "sig" / "checkpoints"))
     assert len(saved) == 1 and int(saved[0].split("_")[1]) < 1000
+
+
+KILLED_AFTER_LOGGING = r'''
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import grpo
+write_step_records = grpo.write_step_records
+
+
+def write_then_die(run_dir, metrics, *args, **kwargs):
+    """Step 3's records are written; then, in the middle of a samples.jsonl line, SIGKILL (the next save is step 4's)."""
+    write_step_records(run_dir, metrics, *args, **kwargs)
+    if metrics["step"] == 3:
+        with open(os.path.join(run_dir, "samples.jsonl"), "a") as f:
+            f.write('{"step": 4, "prompt": "a line cut sh')
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+grpo.write_step_records = write_then_die
+flags = grpo.command_line(sys.argv[2:])  # what `python grpo.py FLAGS` runs
+grpo.main(grpo.Args(**flags), given=flags)
+'''
+
+
+def test_a_run_killed_between_logging_and_saving_resumes_from_its_directory_with_each_step_logged_once(
+        tiny_model_dir, gsm8k_few, tmp_path):
+    import signal
+    run_dir = tmp_path / "killed"
+    flags = ["--model", tiny_model_dir, "--data", gsm8k_few, "--device", "cpu", "--prompts-per-step", "2", "--group-size",
+             "2", "--max-new-tokens", "4", "--steps", "4", "--save-every", "2", "--eval-every", "0", "--sample-every", "0",
+             "--samples-per-step", "2", "--out-dir", str(tmp_path), "--run-name", "killed"]
+    killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_LOGGING, str(ROOT), *flags], capture_output=True,
+                            text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert logged_steps(run_dir / "metrics.jsonl") == [1, 2, 3] and grpo.checkpoint_names(str(run_dir)) == ["step_000002"]
+    metrics_before, samples_before = open(run_dir / "metrics.jsonl").read(), open(run_dir / "samples.jsonl").read()
+    saved = json.load(open(run_dir / "checkpoints" / "step_000002" / "args.json"))
+    del saved["ratio_level"], saved["top_entropy_quantile"]  # as a run from before these settings existed
+    (run_dir / "checkpoints" / "step_000002" / "args.json").write_text(json.dumps(saved))
+    resumed = subprocess.run([sys.executable, str(ROOT / "grpo.py"), "--resume", str(run_dir)], capture_output=True,
+                             text=True, timeout=600, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert logged_steps(run_dir / "metrics.jsonl") == [1, 2, 3, 4]
+    assert logged_steps(run_dir / "samples.jsonl") == [1, 1, 2, 2, 3, 3, 4, 4]
+    assert f"{run_dir / 'metrics.jsonl'}: dropped 1 records of the steps after 2" in resumed.stdout
+    assert f"{run_dir / 'samples.jsonl'}: dropped 3 records of the steps after 2" in resumed.stdout  # 2 + the cut line
+    # The records up to the checkpoint are the ones written before the kill, byte for byte.
+    assert open(run_dir / "metrics.jsonl").read().startswith("".join(metrics_before.splitlines(keepends=True)[:2]))
+    assert open(run_dir / "samples.jsonl").read().startswith("".join(samples_before.splitlines(keepends=True)[:4]))
+    assert grpo.checkpoint_names(str(run_dir)) == ["step_000002", "step_000004"]
+
+
+@pytest.mark.parametrize("fails", ["checkpoint", "samples.jsonl"])
+def test_a_file_that_cannot_be_written_stops_the_run_in_one_line_and_resume_continues(fails, saved_run):
+    """The kernel refuses to grow a file past RLIMIT_FSIZE (EFBIG: the write path of a full disk's ENOSPC), here
+    in the middle of the step-3 checkpoint (its adapter fits, its trainer_state.pt does not) or of a samples.jsonl
+    line. The run stops with one line; nothing partial stays; --resume continues and logs each step once."""
+    import resource
+    args, run_dir = saved_run
+    last = run_dir / "checkpoints" / "step_000002"
+    if fails == "checkpoint":
+        limit, path = 200_000, run_dir / "checkpoints" / "step_000003"
+        assert (last / "adapter_model.safetensors").stat().st_size < limit < (last / "trainer_state.pt").stat().st_size
+    else:
+        limit, path = (run_dir / "samples.jsonl").stat().st_size + 100, run_dir / "samples.jsonl"
+    process = subprocess.run([sys.executable, str(ROOT / "grpo.py"), "--resume", str(run_dir), "--steps", "3"],
+                             capture_output=True, text=True, timeout=600,
+                             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY)))
+    assert process.returncode == 1 and "Traceback" not in process.stderr
+    assert process.stderr.strip().splitlines()[-1] == (f"grpo.py: error: could not write {path} (File too large); the last "
+                                                       f"complete checkpoint is {last}: free space, then --resume {run_dir}")
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["step_000001", "step_000002"]  # no step_000003.tmp
+    resumed = run_main_with_random_rewards(resume_args(args, run_dir))
+    assert [m["step"] for m in resumed["metrics"]] == [3]
+    assert logged_steps(run_dir / "metrics.jsonl") == [1, 2, 3]
+    assert logged_steps(run_dir / "samples.jsonl") == [1] * 4 + [2] * 4 + [3] * 4
+
+
+@pytest.mark.parametrize("backend", ["tensorboard", "wandb"])
+def test_a_resumed_run_gives_its_dashboard_each_step_once(backend, tiny_model_dir, gsm8k_few, tmp_path, monkeypatch):
+    pytest.importorskip(backend)
+    import shutil
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    # A constant lr: with cosine, lengthening the run (--steps 3) changes the redone step 2's lr, which W&B, whose
+    # steps only go forward, would keep from the first try (README: resume).
+    args = tiny_args(tiny_model_dir, data=gsm8k_few, out_dir=str(tmp_path), run_name="dash", report_to=backend,
+                     save_every=1, max_new_tokens=6, lr_schedule="constant")
+    run_main_with_random_rewards(args)
+    shutil.rmtree(tmp_path / "dash" / "checkpoints" / "step_000002")  # killed after step 2 was logged, before its save
+    run_main_with_random_rewards(dataclasses.replace(args, resume=str(tmp_path / "dash"), steps=3))
+    records = [json.loads(line) for line in open(tmp_path / "dash" / "metrics.jsonl")]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    if backend == "tensorboard":
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        events = EventAccumulator(str(tmp_path / "dash" / "tensorboard"))
+        events.Reload()
+        for key in records[0].keys() - {"step"}:
+            logged = [(e.step, e.value) for e in events.Scalars(key)]
+            assert [step for step, _ in logged] == [1, 2, 3], key
+            # Step 2's values are the redone step's (its time differs from the first try's): the old ones were purged.
+            assert [value for _, value in logged] == pytest.approx([r[key] for r in records], rel=1e-6, abs=1e-12), key
+    else:
+        sessions = []
+        for path in sorted((tmp_path / "dash" / "wandb").glob("offline-run-*/run-*.wandb")):
+            logged = read_wandb_records(path)
+            [run] = [r.run for r in logged if r.WhichOneof("record_type") == "run"]
+            rows = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
+                    for r in logged if r.WhichOneof("record_type") == "history"]
+            sessions.append((run.run_id, [row["_step"] for row in rows], rows))
+        assert len(sessions) == 2 and sessions[0][0] == sessions[1][0]  # one W&B run, continued
+        assert sessions[0][1] == [1, 2] and sessions[1][1] == [3]  # step 2 was not sent again
+        timings = ("time/", "throughput/", "memory/", "_")
+        assert [{k: v for k, v in row.items() if not k.startswith(timings)} for row in sessions[0][2] + sessions[1][2]] == \
+            [{k: v for k, v in r.items() if k != "step" and not k.startswith(timings)} for r in records]
 
 
 # -----------------------------------------------------------------------------
