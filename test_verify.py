@@ -451,9 +451,24 @@ def test_without_the_tripwire_the_pid_namespace_still_kills_every_process(name):
 
 
 def test_without_the_tripwire_a_forked_copy_that_also_answers_cannot_make_a_pass():
-    # Both copies of a program that forked while loading read the judge's calls and answer them: the judge
-    # sees answers that do not match its calls, which is a failure (never a second chance to pass).
-    program = SOLUTION + "import os\nos.fork()\n"
+    # A program that forks while loading has two copies on the reply pipe. Here the copy speaks first, in
+    # the protocol's own words (a policy can read verify.py), and the original waits for it, so the order is
+    # fixed: the judge takes the copy's "ready", then reads the original's "ready" as the answer to its first
+    # call, which is a failure (never a second chance to pass). Left to the scheduler, the copy may also
+    # never get a word in before the tests end, and the correct add passes.
+    forged_ready = repr(len(b'["ready", ["add"]]').to_bytes(4, "big") + b'["ready", ["add"]]')
+    program = SOLUTION + (
+        "import os\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    for fd in range(3, 256):  # the reply pipe: the one descriptor past 0-2 that takes a write\n"
+        "        try:\n"
+        f"            os.write(fd, {forged_ready})\n"
+        "            break\n"
+        "        except OSError:\n"
+        "            pass\n"
+        "    os._exit(0)\n"
+        "os.waitpid(pid, 0)\n")
     passed, reason = verify.run_sandboxed(program, TESTS, timeout=SANDBOX_TIMEOUT, audit=False)
     assert not passed and "does not answer this call" in reason, reason
     check_nothing_left_behind()
