@@ -4,9 +4,9 @@ The suite needs nothing beside the checkout and no network: tiny.py builds the m
 tokenizer, data/ holds a GSM8K slice and Qwen2.5-14B's config.json. A few tests check against the real files;
 they are marked `needs_shared` (python -m pytest -m needs_shared runs just them) and take them from, in order:
   1. $GRPO_SHARED, else ../shared beside the checkout: qwen2.5-tokenizer/ and data/gsm8k/test.jsonl;
-  2. a download, unless HF_HUB_OFFLINE=1: the tokenizer files of Qwen/Qwen2.5-14B from the Hugging Face Hub
-     (kept in its cache), GSM8K's test split from its official URL to data/gsm8k_test.jsonl (where grpo.py
-     itself downloads it; git-ignored, reused next time);
+  2. a download, unless HF_HUB_OFFLINE=1: the tokenizer files of Qwen/Qwen2.5-14B-Instruct (the ones ../shared
+     holds) from the Hugging Face Hub, kept in its cache; GSM8K's test split from its official URL to
+     data/gsm8k_test.jsonl (where grpo.py itself downloads it; git-ignored, reused next time);
 and are skipped otherwise, summed up in one line at the end of the run (GRPO_REQUIRE_SHARED=1, as CI sets
 it where ../shared is present, makes a missing file a failure instead).
 """
@@ -53,7 +53,7 @@ def qwen_tokenizer_dir() -> str:
         return str(local)
     try:  # with HF_HUB_OFFLINE=1 this only looks in the Hugging Face cache
         from huggingface_hub import snapshot_download
-        return snapshot_download("Qwen/Qwen2.5-14B", allow_patterns=QWEN_TOKENIZER_FILES)
+        return snapshot_download("Qwen/Qwen2.5-14B-Instruct", allow_patterns=QWEN_TOKENIZER_FILES)
     except Exception as e:  # no network, offline mode, hub errors: all mean "not here"
         not_here(f"the real Qwen2.5 tokenizer is not in {local} and could not be downloaded ({type(e).__name__})")
 
