@@ -25,8 +25,8 @@ bench.py -- measurements behind the README's Performance section (docs/performan
       line per step, then a table. --naive-gather swaps grpo.token_logprobs for the naive gather to
       show what the fused one saves.
 
-      Full size (one 80 GB GPU):  python bench.py step --config ../shared/qwen2.5-14b/config.json
-                                      --tokenizer ../shared/qwen2.5-tokenizer
+      Full size (one 80 GB GPU):  python bench.py step --config data/qwen2.5-14b-config.json
+                                      --tokenizer ../shared/qwen2.5-tokenizer (or Qwen/Qwen2.5-14B)
       Tiny, on a CPU:             write a small Qwen2 config.json (see TINY_CONFIG in test_grpo.py) and pass it,
                                   or save tiny.py's model and pass its directory (--config DIR/config.json --model-dir DIR).
 
@@ -69,7 +69,7 @@ bench.py -- measurements behind the README's Performance section (docs/performan
       "decode": "cuda-graph"}]', or "policy": the 4-bit model's own decode step as the graph) to time whole
       steps with it.
 
-  python bench.py suite [--config ../shared/qwen2.5-14b/config.json --budget-s 480 --out runs/suite
+  python bench.py suite [--config data/qwen2.5-14b-config.json --budget-s 480 --out runs/suite
                         --slice-layers 8 --only NAMES]
       The whole GPU measurement as one budgeted command (README "Full size on a GPU"): the gather at the
       config's shape, our step and TRL's (`bench.py trl`) side by side on a slice of the
@@ -113,7 +113,10 @@ import grpo
 
 GiB, MiB = 2**30, 2**20
 HERE = os.path.dirname(os.path.abspath(__file__))
+# The 14B architecture is committed (data/); the real tokenizer is ../shared's copy, else its files from the Hub.
+QWEN_14B_CONFIG = os.path.join(HERE, "data", "qwen2.5-14b-config.json")
 DEFAULT_TOKENIZER = os.path.join(HERE, "..", "shared", "qwen2.5-tokenizer")
+DEFAULT_TOKENIZER = DEFAULT_TOKENIZER if os.path.isdir(DEFAULT_TOKENIZER) else "Qwen/Qwen2.5-14B"
 
 
 # -----------------------------------------------------------------------------
@@ -720,7 +723,7 @@ def bench_step(model, sampler, tokenizer, prompts, args, eos_ids, optimizer, rng
 
 def device_and_tokenizer(a):
     """step's and trl's device (cuda when available), thread count and tokenizer (--tokenizer, else the
-    config's directory when it holds one, else ../shared/qwen2.5-tokenizer)."""
+    config's directory when it holds one, else ../shared/qwen2.5-tokenizer, else Qwen/Qwen2.5-14B's from the Hub)."""
     from transformers import AutoTokenizer
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if a.threads:
@@ -1234,7 +1237,7 @@ def add_step_settings(parser):
     """The flags step and trl share: the same values give both the same saved model and the same settings."""
     parser.add_argument("--config", required=True, help="config.json of the architecture (the weights are random)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory; default: the config's directory if it "
-                        "holds one, else ../shared/qwen2.5-tokenizer")
+                        "holds one, else ../shared/qwen2.5-tokenizer, else Qwen/Qwen2.5-14B (from the Hub)")
     parser.add_argument("--model-dir", default=None, help="where the random model is saved (kept, and reused if "
                         "present: step and trl given the same one load the same weights); default: a temporary "
                         "directory, deleted at the end")
@@ -1286,7 +1289,7 @@ def parse_args(argv=None):
     p = sub.add_parser("plan", help="padded tokens per step: fixed micro-batches vs a token budget (no model)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--gsm8k", default=os.path.join(HERE, "..", "shared", "data", "gsm8k", "train.jsonl"))
-    p.add_argument("--tokenizer", default=None, help="default: ../shared/qwen2.5-tokenizer")
+    p.add_argument("--tokenizer", default=None, help="default: ../shared/qwen2.5-tokenizer, else Qwen/Qwen2.5-14B")
     p.add_argument("--prompts", type=int, default=16, help="B: prompts per step")
     p.add_argument("--group", type=int, default=8, help="G: completions per prompt")
     p.add_argument("--new-tokens", type=int, default=512, help="max_new_tokens: longer completions are cut")
@@ -1334,7 +1337,7 @@ def parse_args(argv=None):
     u = sub.add_parser("suite", help="the full-size GPU measurement in one budgeted command: gather, our step "
                        "(both samplers), TRL side by side on a layer slice, long completions with and without offload",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    u.add_argument("--config", default=os.path.join(HERE, "..", "shared", "qwen2.5-14b", "config.json"))
+    u.add_argument("--config", default=QWEN_14B_CONFIG)
     u.add_argument("--tokenizer", default=DEFAULT_TOKENIZER)
     u.add_argument("--out", default="runs/suite", help="suite.json, suite.md and suite.log go here")
     u.add_argument("--models-dir", default=os.path.join(tempfile.gettempdir(), "grpo-bench-models"),

@@ -23,27 +23,41 @@ import grpo
 import tiny
 
 ROOT = Path(__file__).resolve().parent
-# The project's shared/ folder (tokenizer, GSM8K, the 14B config) sits beside the checkout; GRPO_SHARED overrides.
-SHARED = Path(os.environ.get("GRPO_SHARED", ROOT.parent / "shared"))
-if not (SHARED / "qwen2.5-tokenizer").is_dir():
-    pytest.exit(f"the tests need the shared/ folder beside the checkout (looked in {SHARED}; set GRPO_SHARED)", 2)
-TOKENIZER = SHARED / "qwen2.5-tokenizer"
-GSM8K_TRAIN = SHARED / "data" / "gsm8k" / "train.jsonl"
+GSM8K_SAMPLE = ROOT / "data" / "gsm8k_sample.jsonl"  # GSM8K's first 64 train problems (MIT, data/LICENSE-gsm8k)
+QWEN_14B_CONFIG = ROOT / "data" / "qwen2.5-14b-config.json"  # the architecture only, no weights
 
 
 # -----------------------------------------------------------------------------
-# Fixtures: a tiny random Qwen2 with the real Qwen2.5 tokenizer, loaded through grpo.load_model.
+# Fixtures: a tiny random Qwen2 with a small Qwen-like tokenizer built here (no download), loaded through
+# grpo.load_model. The few tests that need the real Qwen2.5 tokenizer or the full GSM8K take them from
+# conftest.py's fixtures (qwen_tokenizer_dir, gsm8k_test_path) and are marked needs_shared.
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    return tiny.build_tiny_model(str(tmp_path_factory.mktemp("tiny-qwen")), tokenizer_dir=str(TOKENIZER))
+def tokenizer_dir(tmp_path_factory):
+    """Byte-level BPE trained on data/gsm8k_sample.jsonl with Qwen2.5's special tokens and chat template."""
+    path = str(tmp_path_factory.mktemp("tokenizer"))
+    tiny.qwen_like_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer_dir):
+    return tiny.build_tiny_model(str(tmp_path_factory.mktemp("tiny-qwen")), tokenizer_dir=tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def qwen_model_dir(tmp_path_factory, qwen_tokenizer_dir):
+    """The same tiny model with the real Qwen2.5 tokenizer: 151,680 vocabulary rows instead of 1,040."""
+    return tiny.build_tiny_model(str(tmp_path_factory.mktemp("tiny-qwen2.5")), tokenizer_dir=qwen_tokenizer_dir)
 
 
 def tiny_args(model_dir, **overrides) -> grpo.Args:
+    # A 1 MB log-prob gather budget: 126 rows per chunk at the tiny model's 1,040-row vocabulary, so a batch is
+    # gathered in several chunks, as the default 256 MB is at Qwen2.5's 151,936 rows (220 rows per chunk).
     args = grpo.Args(model=model_dir, device="cpu", prompts_per_step=2, group_size=4, max_new_tokens=12,
                      micro_batch=8, steps=2, eval_every=0, save_every=0, warmup_steps=0, lr=1e-2,
-                     sample_every=0, reward_workers=2)
+                     sample_every=0, reward_workers=2, logprob_memory_mb=1)
     return dataclasses.replace(args, **overrides)
 
 
@@ -194,7 +208,7 @@ def test_token_logprobs_gradient_of_confident_tokens_and_far_targets_stays_exact
 
 
 def test_generation_chunk_is_sized_from_the_kv_cache_and_balanced():
-    config = __import__("transformers").AutoConfig.from_pretrained(SHARED / "qwen2.5-14b")
+    config = __import__("transformers").AutoConfig.from_pretrained(QWEN_14B_CONFIG)
     # Qwen2.5-14B by hand: K and V x 48 layers x 8 KV heads x 128 dims x 2 bytes = 196,608 bytes (192 KiB)
     # per token; 270 + 256 tokens; prefill MLP 4 x 13,824 x 2 bytes per prompt token; 8 float32 [152,064] rows.
     per_sequence = 196_608 * (270 + 256) + 4 * 13_824 * 2 * 270 + 8 * 4 * 152_064
@@ -697,6 +711,33 @@ def test_tokens_after_eos_and_padding_get_no_gradient(tiny_model_dir, model_and_
 
 
 # -----------------------------------------------------------------------------
+# The test tokenizer (tiny.qwen_like_tokenizer) stands in for Qwen2.5's wherever grpo.py relies on a tokenizer.
+
+
+@pytest.mark.parametrize("source", ["tokenizer_dir", pytest.param("qwen_tokenizer_dir", marks=pytest.mark.needs_shared)])
+def test_tokenizer_ends_chat_turns_with_im_end_pads_with_endoftext_and_reads_digits_one_by_one(source, request):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(request.getfixturevalue(source))
+    endoftext, im_start, im_end = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    assert tokenizer.pad_token_id == endoftext
+    base_model = types.SimpleNamespace(generation_config=types.SimpleNamespace(eos_token_id=endoftext))  # Qwen2.5-14B's
+    assert grpo.end_of_sequence_ids(base_model, tokenizer) == sorted({endoftext, im_end})  # whichever the tokenizer's EOS
+    prompt = grpo.build_prompt(grpo.load_items(str(GSM8K_SAMPLE))[0], tokenizer)
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert ids.count(im_start) == 3 and ids.count(im_end) == 2  # system, user, and the open assistant turn
+    assert prompt.endswith("<|im_start|>assistant\n") and tokenizer.decode(ids) == prompt
+    assert len(tokenizer(" 12345", add_special_tokens=False)["input_ids"]) == 6  # a space, then one token per digit
+
+
+def test_built_tokenizer_gives_exactly_the_real_qwen25_prompts(tokenizer_dir, qwen_tokenizer_dir):
+    from transformers import AutoTokenizer
+    built, real = AutoTokenizer.from_pretrained(tokenizer_dir), AutoTokenizer.from_pretrained(qwen_tokenizer_dir)
+    items = grpo.load_items(str(GSM8K_SAMPLE))[:8] + [{"prompt": "Write `inc(x)`: x + 1.", "tests": "assert inc(1) == 2"}]
+    for item in items:  # the chat template, its default system prompt, the math and code instructions
+        assert grpo.build_prompt(item, built) == grpo.build_prompt(item, real)
+
+
+# -----------------------------------------------------------------------------
 # main(): real training steps, and bad input.
 
 
@@ -708,11 +749,14 @@ def write_jsonl(path, records):
 
 
 def gsm8k_head(n):
-    with open(GSM8K_TRAIN) as f:
+    with open(GSM8K_SAMPLE) as f:
         return [json.loads(next(f)) for _ in range(n)]
 
 
-def test_two_training_steps_change_lora_and_leave_the_4bit_base_bit_identical(tiny_model_dir, tmp_path):
+# Once more with the real Qwen2.5 tokenizer (needs_shared): its 151,680-row vocabulary and its own tokenizer class.
+@pytest.mark.parametrize("model_fixture", ["tiny_model_dir", pytest.param("qwen_model_dir", marks=pytest.mark.needs_shared)])
+def test_two_training_steps_change_lora_and_leave_the_4bit_base_bit_identical(model_fixture, request, tmp_path):
+    tiny_model_dir = request.getfixturevalue(model_fixture)
     data = write_jsonl(tmp_path / "gsm8k_few.jsonl", gsm8k_head(4))
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -876,7 +920,9 @@ def test_resume_takes_the_runs_saved_settings_and_the_flags_given_over_them(tmp_
 def test_a_14b_model_on_a_machine_without_gpu_is_refused_before_loading(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    model_dir = SHARED / "qwen2.5-14b"  # config only, no weights: anything that tried to load would fail
+    model_dir = tmp_path / "qwen2.5-14b"  # config only, no weights: anything that tried to load would fail
+    model_dir.mkdir()
+    (model_dir / "config.json").write_bytes(QWEN_14B_CONFIG.read_bytes())
     data = write_jsonl(tmp_path / "d.jsonl", gsm8k_head(2))
     message = error_of(grpo.Args(model=str(model_dir), data=data, eval_every=0, out_dir=str(tmp_path), prompts_per_step=2))
     assert "14.8B parameters" in message and "no GPU" in message and "tiny.py" in message
@@ -1221,7 +1267,7 @@ def test_generate_on_cpu_samples_the_models_own_first_token_distribution(tiny_mo
     top-p. A low temperature concentrates the tiny random model's near-uniform logits on a few tokens."""
     model, tokenizer = model_and_tokenizer
     args = tiny_args(tiny_model_dir, max_new_tokens=1, generation_chunk=256, top_p=0.95, cpu_sampler=cpu_sampler)
-    temperature = 0.02
+    temperature = 0.03  # 15 tokens above 1e-3 at the 1,040-row vocabulary (0.02 gave 18 at Qwen2.5's 151,680)
     prompt = grpo.build_prompt({"prompt": "What is 2 + 3?", "answer": "5"}, tokenizer)
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
     with torch.no_grad():
@@ -1368,7 +1414,8 @@ def test_variants_drop_zero_std_groups_and_mask_or_penalise_truncation(tiny_mode
                                                   num_iterations=2, top_entropy_quantile=0.3, **common))
     record = gspo["metrics"][0]
     assert record["loss/ratio_mean"] != pytest.approx(1.0, abs=1e-6) and record["loss/trained_tokens"] == 2 * 4 * 4
-    assert 0 < record["policy/entropy"] <= math.log(151_936) and kept["metrics"][0]["policy/entropy"] > 0
+    vocab_size = gspo["model"].config.vocab_size
+    assert 0 < record["policy/entropy"] <= math.log(vocab_size) and kept["metrics"][0]["policy/entropy"] > 0
 
 
 def test_eval_only_reports_strict_lenient_and_format_and_plot_draws_a_png(saved_run, capsys):
@@ -1644,7 +1691,7 @@ def fixed_generate(model, tokenizer, prompts, args, eos_ids, temperature, greedy
     rows = []
     for i, prompt in enumerate(prompts):
         generator = torch.Generator().manual_seed(zlib.crc32(prompt.encode()) + i % args.group_size)
-        row = torch.randint(0, 5000, (args.max_new_tokens,), generator=generator)
+        row = torch.randint(0, 1000, (args.max_new_tokens,), generator=generator)  # regular tokens of any tokenizer
         row[int(torch.randint(1, args.max_new_tokens, (1,), generator=generator))] = eos_ids[0]
         rows.append(row)
     completion_ids = torch.stack(rows)
@@ -1901,7 +1948,7 @@ def test_flipped_advantages_stay_near_chance(tmp_path_factory, monkeypatch):
 # -----------------------------------------------------------------------------
 # bench.py: both subcommands run for real, at tiny sizes (the same commands measure the 14B model on a GPU).
 
-# A 2-layer Qwen2 with Qwen2.5's padded vocabulary (the tokenizer has 151,665 tokens).
+# A 2-layer Qwen2 with Qwen2.5's padded vocabulary (the test tokenizer uses its first 1,027 rows).
 TINY_CONFIG = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 64,
                "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
                "vocab_size": 151936, "max_position_embeddings": 4096, "bos_token_id": 151643, "eos_token_id": 151643,
@@ -1936,10 +1983,10 @@ def test_gather_bench_fused_uses_far_less_memory_than_naive_and_agrees(device):
     assert "naive log_softmax+gather" in stdout and "mem naive/this" in stdout  # the readable table
 
 
-def test_step_bench_runs_every_phase_and_updates_lora(tmp_path):
+def test_step_bench_runs_every_phase_and_updates_lora(tmp_path, tokenizer_dir):
     config = tmp_path / "config.json"
     config.write_text(json.dumps(TINY_CONFIG))
-    stdout = run_bench("step", "--config", str(config), "--tokenizer", str(TOKENIZER), "--device", "cpu",
+    stdout = run_bench("step", "--config", str(config), "--tokenizer", tokenizer_dir, "--device", "cpu",
                        "--prompts", "2", "--group", "2", "--prompt-tokens", "8", "--new-tokens", "6",
                        "--micro-batch", "2", "--steps", "1", "--num-iterations", "2", "--lr", "1e-3")
     records = json_lines(stdout)
@@ -1957,10 +2004,10 @@ def test_step_bench_runs_every_phase_and_updates_lora(tmp_path):
     assert "policy forward+backward" in stdout  # the readable table
 
 
-def test_step_bench_naive_gather_and_no_reference_pass(tmp_path):
+def test_step_bench_naive_gather_and_no_reference_pass(tmp_path, tokenizer_dir):
     config = tmp_path / "config.json"
     config.write_text(json.dumps(TINY_CONFIG))
-    stdout = run_bench("step", "--config", str(config), "--tokenizer", str(TOKENIZER), "--device", "cpu",
+    stdout = run_bench("step", "--config", str(config), "--tokenizer", tokenizer_dir, "--device", "cpu",
                        "--prompts", "1", "--group", "2", "--prompt-tokens", "8", "--new-tokens", "4",
                        "--micro-batch", "2", "--steps", "1", "--beta", "0", "--naive-gather")
     step = next(r for r in json_lines(stdout) if "step" in r)
@@ -1968,7 +2015,7 @@ def test_step_bench_naive_gather_and_no_reference_pass(tmp_path):
     assert set(step["seconds"]) == {"generation", "policy", "optimizer"}  # β = 0, μ = 1: no extra passes
 
 
-def test_trl_bench_runs_trl_on_the_model_step_saved_with_steps_settings(tmp_path):
+def test_trl_bench_runs_trl_on_the_model_step_saved_with_steps_settings(tmp_path, tokenizer_dir):
     # bench.py trl: TRL's GRPOTrainer on the directory `bench.py step` saved, given step's flags. What each side
     # reads back from what ran (trainer config or grpo.Args, the loaded model, the prompts) must agree; TRL's
     # records have step's format; TRL trains (its adapters move) on full-length completions.
@@ -1980,7 +2027,7 @@ def test_trl_bench_runs_trl_on_the_model_step_saved_with_steps_settings(tmp_path
     config = tmp_path / "config.json"
     config.write_text(json.dumps(TINY_CONFIG))
     # The suite's TRL entries are this command with the flags of our run beside them, on its model directory
-    plan = dict(bench.suite_plan(bench.parse_args(["suite", "--config", str(config), "--tokenizer", str(TOKENIZER),
+    plan = dict(bench.suite_plan(bench.parse_args(["suite", "--config", str(config), "--tokenizer", tokenizer_dir,
                                                    "--models-dir", str(tmp_path / "models")]), torch.device("cpu")))
     shared = ("config", "tokenizer", "device", "model_dir", "layers", "prompt_tokens", "micro_batch", "beta",
               "num_iterations", "lr", "lora_r", "temperature", "seed", "gradient_checkpointing", "allow_eos")
@@ -1992,7 +2039,7 @@ def test_trl_bench_runs_trl_on_the_model_step_saved_with_steps_settings(tmp_path
         assert [getattr(trl_args, k) for k in ("prompts", "group", "new_tokens", "steps")] == \
             [variant[k] for k in ("prompts", "group", "new_tokens", "steps")]
     pytest.importorskip("trl", reason="TRL is not installed (pip install trl): bench.py trl is not run")
-    flags = ["--config", str(config), "--tokenizer", str(TOKENIZER), "--device", "cpu", "--model-dir", str(tmp_path / "model"),
+    flags = ["--config", str(config), "--tokenizer", tokenizer_dir, "--device", "cpu", "--model-dir", str(tmp_path / "model"),
              "--prompts", "2", "--group", "2", "--prompt-tokens", "8", "--new-tokens", "6", "--micro-batch", "2", "--lr", "1e-3"]
     ours = json_lines(run_bench("step", *flags, "--steps", "1"))
     trl_stdout = run_bench("trl", *flags, "--steps", "2")
@@ -2018,7 +2065,7 @@ def test_trl_bench_runs_trl_on_the_model_step_saved_with_steps_settings(tmp_path
     assert "policy forward+backward" in trl_stdout  # step's readable table
 
 
-def test_suite_bench_writes_every_figure_as_it_goes_and_respects_its_budget(tmp_path):
+def test_suite_bench_writes_every_figure_as_it_goes_and_respects_its_budget(tmp_path, tokenizer_dir):
     # The GPU suite's own command on a tiny config, on the CPU: gather, our step (warm-up + measured step),
     # and the long-completion pair with and without offload on one rollout. TRL's entries: the trl test.
     config = tmp_path / "config.json"
@@ -2027,7 +2074,7 @@ def test_suite_bench_writes_every_figure_as_it_goes_and_respects_its_budget(tmp_
     sizes = ["--prompts", "2", "--group", "2", "--prompt-tokens", "8", "--new-tokens", "4", "--micro-batch", "4",
              "--long-prompts", "1", "--long-new-tokens", "8", "--warmup-new-tokens", "2", "--gather-tokens", "64",
              "--decode-new-tokens", "4", "--decode-check", "6"]
-    run_bench("suite", "--config", str(config), "--tokenizer", str(TOKENIZER), "--device", "cpu", "--out", str(out),
+    run_bench("suite", "--config", str(config), "--tokenizer", tokenizer_dir, "--device", "cpu", "--out", str(out),
               "--models-dir", str(tmp_path / "models"), "--slice-layers", "1", "--budget-s", "600",
               "--only", "gather,decode-slice,slice-graph,full-ours,full-long", *sizes, timeout=600)
     results = json.loads((out / "suite.json").read_text())
@@ -2056,7 +2103,7 @@ def test_suite_bench_writes_every_figure_as_it_goes_and_respects_its_budget(tmp_
     table = (out / "suite.md").read_text()
     assert "| full-ours merged step 2 |" in table and "| full-long long+offload step 1 |" in table
     # A spent budget: nothing runs, every measurement says why, the files are still written.
-    run_bench("suite", "--config", str(config), "--tokenizer", str(TOKENIZER), "--device", "cpu", "--out",
+    run_bench("suite", "--config", str(config), "--tokenizer", tokenizer_dir, "--device", "cpu", "--out",
               str(tmp_path / "none"), "--models-dir", str(tmp_path / "models"), "--budget-s", "0", *sizes)
     nothing = json.loads((tmp_path / "none" / "suite.json").read_text())
     assert all(m["exit"] == "not run" and m["note"].startswith("skipped") for m in nothing["measurements"])

@@ -22,21 +22,19 @@ import verify
 from verify import code_reward, extract_answer, format_reward, math_reward
 
 ROOT = Path(__file__).resolve().parent
-GSM8K_TEST = Path(os.environ.get("GRPO_SHARED", ROOT.parent / "shared")) / "data" / "gsm8k" / "test.jsonl"
 CODE = ROOT / "data" / "code.jsonl"
 
 # -----------------------------------------------------------------------------
 # Math.
 
 
-def gsm8k_items():
-    with open(GSM8K_TEST) as f:
-        return [json.loads(line) for line in f]
-
-
-def test_every_gsm8k_test_gold_scores_one_boxed_zero_when_wrong_and_raw_only_lenient():
-    items = gsm8k_items()
-    assert len(items) == 1319
+# The 64 committed problems of data/gsm8k_sample.jsonl, and (needs_shared: conftest.py) all 1,319 of the test split.
+@pytest.mark.parametrize("source,count", [("sample", 64), pytest.param("test", 1319, marks=pytest.mark.needs_shared)])
+def test_every_gsm8k_gold_scores_one_boxed_zero_when_wrong_and_raw_only_lenient(source, count, request):
+    path = ROOT / "data" / "gsm8k_sample.jsonl" if source == "sample" else request.getfixturevalue("gsm8k_test_path")
+    with open(path) as f:
+        items = [json.loads(line) for line in f]
+    assert len(items) == count
     for item in items:
         solution, gold = item["answer"].rsplit("####", 1)
         gold = gold.strip()

@@ -3,6 +3,7 @@ Tiny random Qwen2 models and a toy task, for CPU runs and the tests (no download
 
     python tiny.py model runs/tiny-model                   # a random 2-layer Qwen2 + word-level tokenizer
     python tiny.py model runs/tiny-qwen --tokenizer DIR    # the same with a real tokenizer (e.g. Qwen2.5's)
+    python tiny.py model runs/tiny-chat --tokenizer qwen-like  # with a small Qwen-like one built here (the tests')
     python tiny.py learn                                    # watch GRPO learn the toy task on a CPU
     python tiny.py cpu-demo                                 # the README's CPU side by side (two samplers)
     python tiny.py curves                                   # README's variant table and docs/learning_curve.png
@@ -34,10 +35,55 @@ def word_tokenizer():
                                    unk_token="[UNK]")
 
 
-def build_tiny_model(out_dir, tokenizer_dir=None, hidden=64, layers=2, heads=4, kv_heads=2, seed=0):
-    """Save a random-weight Qwen2ForCausalLM (untied lm_head, like the 14B) and its tokenizer to out_dir."""
+# Qwen2.5's chat template without its tool-calling branches (the full one is in Qwen2.5's tokenizer_config.json).
+QWEN_CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}{%- if not (message.role == 'system' and loop.first) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+# Qwen2's pre-tokenization: words, single digits (numbers are read digit by digit), punctuation runs, spaces.
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+              r"|\s+(?!\S)|\s+")
+
+
+def qwen_like_tokenizer(texts=None, vocab_size=1024):
+    """A small stand-in for Qwen2.5's tokenizer, built in a second with no download: byte-level BPE (any text
+    encodes, decode(encode(x)) == x) with Qwen2's pre-tokenizer, trained on `texts` (default: data/gsm8k_sample.jsonl
+    and grpo.py's prompt texts); the same special tokens after the learned ones (<|endoftext|> = EOS and pad, as
+    in the base Qwen2.5 models; <|im_start|>, <|im_end|>) and the same chat template, so a chat turn ends with
+    <|im_end|> and grpo.build_prompt gives exactly the prompt string the real tokenizer gives."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if texts is None:
+        import grpo
+        here = os.path.dirname(os.path.abspath(__file__))
+        with open(os.path.join(here, "data", "gsm8k_sample.jsonl"), encoding="utf-8") as f:
+            items = [json.loads(line) for line in f]
+        texts = [grpo.MATH_INSTRUCTION, grpo.CODE_INSTRUCTION, grpo.PLAIN_TEMPLATE, QWEN_CHAT_TEMPLATE]
+        texts += [item[key] for item in items for key in ("question", "answer")]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN_SPLIT), "isolated"),
+                                                       pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer)
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=special[0], pad_token=special[0],
+                                   additional_special_tokens=special[1:], chat_template=QWEN_CHAT_TEMPLATE,
+                                   clean_up_tokenization_spaces=False)
+
+
+def build_tiny_model(out_dir, tokenizer_dir=None, hidden=64, layers=2, heads=4, kv_heads=2, seed=0, tokenizer=None):
+    """Save a random-weight Qwen2ForCausalLM (untied lm_head, like the 14B) and its tokenizer to out_dir: the one
+    given, else the one in tokenizer_dir, else the word-level tokenizer of the toy task."""
     from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir else word_tokenizer()
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir else word_tokenizer()
     eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     vocab_size = (len(tokenizer) + 15) // 16 * 16  # padded rows, as real checkpoints have
     config = Qwen2Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
@@ -131,15 +177,21 @@ def cpu_demo(argv):
     """python tiny.py cpu-demo [--tokenizer DIR] [--data GSM8K_JSONL] [--steps 2] [--rounds 2]: the README's CPU
     side by side. The tiny Qwen2 (hidden 64, 2 layers) with the real Qwen2.5 tokenizer, 8 GSM8K prompts × G = 8,
     64 new tokens, micro-batch 16, β 0.04, LoRA r 16, 4-bit, through grpo.main with --cpu-sampler multinomial
-    and inverse_cdf in turn (the same process, rounds interleaved). Prints each run's seconds per step and phase."""
+    and inverse_cdf in turn (the same process, rounds interleaved). Prints each run's seconds per step and phase.
+    Tokenizer and data: ../shared's copies when present, else Qwen/Qwen2.5-14B's tokenizer files from the Hub
+    and GSM8K's train split (downloaded by grpo.py to data/gsm8k.jsonl)."""
     import argparse
     import resource
     import tempfile
 
     import grpo
+    here = os.path.dirname(os.path.abspath(__file__))
+    shared = os.path.join(here, "..", "shared")
+    tokenizer = os.path.join(shared, "qwen2.5-tokenizer")
+    data = os.path.join(shared, "data", "gsm8k", "train.jsonl")
     parser = argparse.ArgumentParser(usage=cpu_demo.__doc__)
-    parser.add_argument("--tokenizer", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "qwen2.5-tokenizer"))
-    parser.add_argument("--data", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "gsm8k", "train.jsonl"))
+    parser.add_argument("--tokenizer", default=tokenizer if os.path.isdir(tokenizer) else "Qwen/Qwen2.5-14B")
+    parser.add_argument("--data", default=data if os.path.exists(data) else os.path.join(here, "data", "gsm8k.jsonl"))
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
     a = parser.parse_args(argv)
@@ -232,7 +284,10 @@ if __name__ == "__main__":
     command = sys.argv[1] if len(sys.argv) > 1 else "learn"
     if command == "model":
         tokenizer_dir = sys.argv[sys.argv.index("--tokenizer") + 1] if "--tokenizer" in sys.argv else None
-        print(build_tiny_model(sys.argv[2], tokenizer_dir))
+        if tokenizer_dir == "qwen-like":
+            print(build_tiny_model(sys.argv[2], tokenizer=qwen_like_tokenizer()))
+        else:
+            print(build_tiny_model(sys.argv[2], tokenizer_dir))
     elif command == "learn":
         learn(sys.argv[2:])
     elif command == "cpu-demo":
@@ -240,5 +295,5 @@ if __name__ == "__main__":
     elif command == "curves":
         curves(sys.argv[2:])
     else:
-        raise SystemExit(f"usage: python tiny.py model DIR [--tokenizer DIR] | learn [flags] | cpu-demo [flags] | curves [flags]"
+        raise SystemExit(f"usage: python tiny.py model DIR [--tokenizer DIR|qwen-like] | learn [flags] | cpu-demo [flags] | curves [flags]"
                          f"  (got {command!r})")
