@@ -313,10 +313,9 @@ def load_items(path, kind_required="") -> list[dict]:
 
 def load_data(args: Args) -> tuple[list[dict], list[dict]]:
     """The training items (none with --eval-only) and the first --eval-n held-out items (none without eval)."""
-    builtin = "" if args.reward else " (for the built-in rewards; a task of your own: --reward, docs/rewards.md)"
-    train_items = [] if args.eval_only else load_items(args.data, builtin)
-    evaluated = args.eval_every > 0 or args.eval_only
-    eval_items = load_items(args.eval_data, " (evaluation scores them with verify.py)") if evaluated else []
+    train_items = [] if args.eval_only else load_items(args.data, "" if args.reward else " (the built-in rewards; a task "
+                                                       "of your own: --reward, docs/rewards.md)")
+    eval_items = load_items(args.eval_data, " (evaluation uses verify.py)") if (args.eval_every > 0 or args.eval_only) else []
     eval_items = eval_items[: args.eval_n] if args.eval_n > 0 else eval_items
     if train_items and args.prompts_per_step > len(train_items):
         fail(f"--prompts-per-step {args.prompts_per_step} is more than the {len(train_items)} items in {args.data}")
@@ -719,13 +718,6 @@ def select_rows(batch, rows) -> dict:
 # verify.py holds the built-in verdicts; a task of your own is a function in a file (docs/rewards.md).
 
 
-def verify_completion(text, item, args: Args, strict) -> tuple[float, float]:
-    """(correct, formatted) of one completion: verify.py's verdicts for its item's kind (code or math)."""
-    if "tests" in item:
-        return code_reward(text, item["tests"], timeout=args.code_timeout), format_reward(text, kind="code")
-    return math_reward(text, item["answer"], strict=strict), format_reward(text, kind="math")
-
-
 def builtin_rewards(args: Args, pool=None) -> dict:
     """The built-in rewards in TRL's form, and their weights: correct (verify.py's verdict on the item's "answer" or
     "tests", in the thread pool; None for an item with neither) and format (verify.format_reward)."""
@@ -738,7 +730,8 @@ def builtin_rewards(args: Args, pool=None) -> dict:
         return list(pool.map(verdict, completions, answer or [None] * len(completions), tests or [None] * len(completions)))
 
     def format(prompts, completions, tests=None, **columns):
-        return [format_reward(text, "math" if t is None else "code") for text, t in zip(completions, tests or [None] * len(completions))]
+        return [format_reward(text, "math" if t is None else "code")
+                for text, t in zip(completions, tests or [None] * len(completions))]
     return {"correct": (correct, args.correct_weight), "format": (format, args.format_weight)}
 
 
@@ -780,13 +773,11 @@ def reward_functions(args: Args, pool) -> list[tuple]:
 
 
 def score(completions, items, rewards, **context) -> dict:
-    """Every reward function on the batch, called as TRL's GRPOTrainer calls one: fn(prompts=, completions=,
-    **context, **columns) with prompts = the items' "prompt", context = completion_ids (token lists) and trainer_state
-    (.global_step, .max_steps), columns = the items' other jsonl fields as lists (None where an item lacks one). None
-    means "not applicable to this item" (TRL): out of the weighted sum and of that reward's statistics; a completion
-    every function gives None is unscorable: reward NaN, left out by group_advantages. Returns rewards [N] = Σ
-    weight·value and per_reward {name: [N], NaN for None}. A function that raises or returns a wrong length or a
-    value that is neither a finite number nor None ends the run, before the update."""
+    """Each reward function on the batch as TRL's GRPOTrainer calls it: fn(prompts=the items' "prompt", completions=,
+    **context (completion_ids, trainer_state), **columns (the items' other fields as lists, None where missing)).
+    A None value is "not applicable" (TRL): out of the weighted sum and that reward's statistics; None from every
+    function: unscorable, reward NaN. Returns rewards [N] = Σ weight·value, per_reward {name: [N], NaN for None}.
+    A function that raises, or returns a wrong length or a value neither finite nor None, ends the run."""
     keys = dict.fromkeys(key for item in items for key in item if key != "prompt")
     prompts, columns = [item["prompt"] for item in items], {key: [item.get(key) for item in items] for key in keys}
     per_reward, weights = {}, []
@@ -951,12 +942,10 @@ def sequence_logprobs(model, batch, temperature, memory_mb=256, with_entropy=Fal
 def group_advantages(rewards, group_size, scale=True, eps=1e-4):
     """Â_i = (R_i - mean of its group) / (std of its group + eps); rewards [B*G] with each group's G
     completions contiguous. scale=False leaves out the division (Dr. GRPO). A group with identical
-    rewards gets exactly 0: it says nothing about which completion is better. An unscorable completion (reward
-    NaN: every reward function said None) gets 0, and its group's mean and std are the others' (as in TRL)."""
-    if rewards.isnan().any():
+    rewards gets exactly 0: it says nothing about which completion is better."""
+    if rewards.isnan().any():  # unscorable (NaN: no reward function applied): 0, out of the group's mean and std (TRL)
         advantages = torch.zeros_like(rewards)
-        for group in torch.arange(rewards.numel()).view(-1, group_size):  # [G]: one group's indices
-            scored = group[~rewards[group].isnan()]
+        for scored in (group[~rewards[group].isnan()] for group in torch.arange(len(rewards)).view(-1, group_size)):
             if len(scored) > 1:
                 advantages[scored] = group_advantages(rewards[scored], len(scored), scale, eps)
         return advantages
@@ -1301,10 +1290,9 @@ def all_reduce_gradients(parameters):
 def sample_groups(step, position, train_items, sampler, tokenizer, args: Args, eos_ids, rewards, temperature, rank=0,
                   world_size=1, log=print):
     """Steps 1-3 from `position` of the data order: B prompts (this rank's share), G completions each, their rewards.
-    --dynamic-sampling (DAPO, Yu et al. 2025, algorithm 1): then, while fewer than B groups over all ranks are
-    informative (rewards not all equal), one more round of as many prompts as groups are missing, at most
-    --max-refill-rounds times; never more than are missing, so no informative group sampled goes unused. Returns
-    (the rounds' rollouts with their "prompts", concatenated; their scores; the next position; rounds; seconds generating)."""
+    --dynamic-sampling (DAPO, Yu et al. 2025, algorithm 1): while fewer than B groups over all ranks are informative
+    (rewards not all equal), a round of the next prompts, exactly as many as groups are missing (so none sampled goes
+    unused), at most --max-refill-rounds times. Returns (rollouts with "prompts", scores, next position, rounds, seconds)."""
     rollouts, scored, found, seconds = [], [], 0, 0.0
     for rounds in range(1, 2 + (args.max_refill_rounds if args.dynamic_sampling else 0)):
         # 1. The round's prompts (B, then the missing ones): rank r takes the r-th of world_size near-equal slices,
@@ -1405,12 +1393,13 @@ def evaluate(model, tokenizer, items, args: Args, eos_ids, pool, rank=0, world_s
         prompts = [build_prompt(item, tokenizer, args.chat_template) for item in shard]
         texts = generate(model, tokenizer, prompts, args, eos_ids, temperature=1.0, greedy=True,
                          progress="eval" if rank == 0 else "")["texts"]
-
-        def score_one(text, item):  # lenient extraction is for math; a code verdict is the same either way (and costly)
-            strict, formatted = verify_completion(text, item, args, strict=True)
-            return strict, strict if "tests" in item else verify_completion(text, item, args, strict=False)[0], formatted
-        scores = list(pool.map(score_one, texts, shard))
-        strict, lenient, formatted = (sum(column) for column in zip(*scores))
+        answer, tests = [item.get("answer") for item in shard], [item.get("tests") for item in shard]
+        (correct, _), (formatted, _) = builtin_rewards(dataclasses.replace(args, strict=True), pool).values()
+        verdicts = correct(prompts, texts, answer, tests)
+        # Lenient extraction is for math only: code items get None here and keep their (costly) strict verdict.
+        lenient_math = builtin_rewards(dataclasses.replace(args, strict=False), pool)["correct"][0](prompts, texts, answer)
+        strict, formatted = sum(verdicts), sum(formatted(prompts, texts, tests=tests))
+        lenient = sum(strict_verdict if v is None else v for strict_verdict, v in zip(verdicts, lenient_math))
     totals = np.sum(all_gather([strict, lenient, formatted, len(shard)]), axis=0)
     n = max(totals[3], 1)
     return {"eval/accuracy_strict": totals[0] / n, "eval/accuracy_lenient": totals[1] / n,

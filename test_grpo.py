@@ -1398,6 +1398,22 @@ def test_default_rewards_are_todays_correctness_and_format_bit_for_bit():
     assert grpo.parse_args(["--reward", "a.py:f=0.5", "--reward", "correct"]).reward == ("a.py:f=0.5", "correct")
 
 
+def test_evaluation_counts_strict_lenient_and_format_as_verify_py_does_per_item(monkeypatch):
+    code = [json.loads(line) for line in open(ROOT / "data" / "code.jsonl")][:1]
+    items = [{"prompt": "q1", "answer": "72"}] * 3 + [{"prompt": "q2", "answer": "5"}] + code * 2
+    texts = ["so \\boxed{72}", "it is 72", "\\boxed{7}", "5 or \\boxed{5}", RUNNING_MAX, "```python\nx = 1\n```"]
+    monkeypatch.setattr(grpo, "generate", lambda *a, **k: {"texts": texts})
+    with ThreadPoolExecutor(2) as pool:
+        result = grpo.evaluate(None, None, items, grpo.Args(chat_template=False), [0], pool)
+    def verdict(text, item, strict):
+        return verify.code_reward(text, item["tests"]) if "tests" in item else verify.math_reward(text, item["answer"], strict)
+    assert result["eval/accuracy_strict"] == sum(verdict(t, i, True) for t, i in zip(texts, items)) / 6 == 3 / 6
+    assert result["eval/accuracy_lenient"] == sum(verdict(t, i, False) for t, i in zip(texts, items)) / 6 == 4 / 6
+    assert result["eval/format_rate"] == sum(verify.format_reward(t, "code" if "tests" in i else "math")
+                                             for t, i in zip(texts, items)) / 6
+    assert result["eval/n"] == 6
+
+
 def slow_trl_advantages(rewards, group_size, eps=1e-4):
     """TRL's advantages with unscorable (NaN) rewards, as loops in float64: each group's mean and Bessel std over its
     scored completions; NaN (unscorable, or a single scored one whose std is NaN) becomes 0."""
