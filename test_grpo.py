@@ -4,6 +4,7 @@ named as sentences, and the real 4-bit + LoRA path end to end on a tiny random Q
     python -m pytest -q
 """
 
+import argparse
 import dataclasses
 import functools
 import importlib.util
@@ -1248,10 +1249,11 @@ def test_eval_only_reports_strict_lenient_and_format_and_plot_draws_a_png(saved_
 
 def test_plot_draws_only_the_panels_that_have_data(tmp_path):
     pytest.importorskip("matplotlib")
-    step = {"reward/mean": 0.5, "reward/correct": 0.25, "completions/mean_length": 9.0, "loss/kl": 0.01}
+    step = {"reward/mean": 0.5, "reward/std": 0.1, "reward/correct": 0.25, "reward/correct/std": 0.4,
+            "reward/countdown": 0.125, "completions/mean_length": 9.0, "loss/kl": 0.01}
     write_jsonl(tmp_path / "metrics.jsonl", [{"step": 1, **step}, {"step": 2, **step}])
-    assert grpo.main(grpo.Args(plot=str(tmp_path))) == ["reward/mean", "reward/correct", "completions/mean_length",
-                                                        "loss/kl"]  # no eval: no empty eval panel
+    assert grpo.main(grpo.Args(plot=str(tmp_path))) == ["reward/mean", "reward/correct", "reward/countdown",
+                                                        "completions/mean_length", "loss/kl"]  # a panel per reward; no eval
     append = [{"step": 2, "eval/accuracy_strict": 0.5}]
     grpo.append_jsonl(tmp_path / "metrics.jsonl", append)
     assert "eval/accuracy_strict" in grpo.main(grpo.Args(plot=str(tmp_path)))
@@ -1492,6 +1494,28 @@ def test_plugin_rewards_get_trls_arguments_and_are_weighed_and_logged_per_functi
     assert metrics[1]["reward/digits/std"] == pytest.approx(float(torch.tensor(digits).std(correction=0)), abs=1e-6)
     assert metrics[1]["reward/picky"] == 0.5 and metrics[1]["reward/picky/std"] == 0.0
     assert metrics[1]["completions/unscorable_frac"] == pytest.approx(1 / 3)
+
+
+def test_trls_own_reward_functions_run_unchanged_and_score_what_they_score_under_trl(tmp_path):
+    """TRL's repetition and soft-overlong rewards (callable objects of trl.rewards, made for GRPOTrainer), imported
+    from a file as a user would: called with our keywords they give exactly what they give called directly."""
+    pytest.importorskip("trl")
+    plugin = write_plugin(tmp_path / "from_trl.py", """
+        from trl.rewards import get_repetition_penalty_reward, get_soft_overlong_punishment
+        repetition = get_repetition_penalty_reward(ngram_size=2, max_penalty=-1.0)
+        overlong = get_soft_overlong_punishment(max_completion_len=8, soft_punish_cache=4)
+        """)
+    ids = [[1, 2, 3, 4], [5, 5, 5, 5, 5], list(range(7)), [9] * 10]
+    with ThreadPoolExecutor(1) as pool:
+        rewards = grpo.reward_functions(grpo.Args(reward=(plugin + ":repetition", plugin + ":overlong=0.5")), pool)
+    scores = grpo.score(["a", "b", "c", "d"], [{"prompt": "p", "solution": "s"}] * 4, rewards, completion_ids=ids,
+                        trainer_state=argparse.Namespace(global_step=0, max_steps=1))
+    from trl.rewards import get_repetition_penalty_reward, get_soft_overlong_punishment
+    repetition = get_repetition_penalty_reward(ngram_size=2, max_penalty=-1.0)(completion_ids=ids)
+    overlong = get_soft_overlong_punishment(max_completion_len=8, soft_punish_cache=4)(completion_ids=ids)
+    assert scores["per_reward"]["repetition"].tolist() == pytest.approx(repetition) and min(repetition) < 0
+    assert scores["per_reward"]["overlong"].tolist() == pytest.approx(overlong) and min(overlong) < 0
+    assert scores["rewards"].tolist() == pytest.approx([r + 0.5 * o for r, o in zip(repetition, overlong)])
 
 
 def test_a_reward_that_cannot_be_found_or_read_is_one_line_before_anything_loads(tmp_path, monkeypatch):
