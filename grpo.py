@@ -25,8 +25,8 @@ Departures from the paper (each is a flag; the default is listed first):
      exactly 1 and the clip never binds (the gradient is the plain policy gradient). With μ > 1 the
      old log-probs are computed once before the updates and the clip does its PPO job.
   5. Asymmetric clipping `--clip-high` (DAPO's "clip-higher" uses 0.28), dropping zero-std groups
-     from the loss (`--drop-zero-std-groups`, DAPO's dynamic sampling without the re-sampling), and
-     masking or penalising completions that hit max_new_tokens (`--overlong`, DAPO).
+     from the loss (`--drop-zero-std-groups`) or refilling the batch with informative ones (`--dynamic-sampling`,
+     DAPO's dynamic sampling), and masking or penalising completions that hit max_new_tokens (`--overlong`, DAPO).
   6. Log-probs are computed at the sampling temperature (logits / T), so they are the log-probs of
      the policy that sampled. top-p truncation is not modelled (as in TRL).
   7. On a GPU, rollouts are sampled from a dense bf16 copy of the policy (4-bit base dequantized, LoRA
@@ -45,8 +45,8 @@ Run it tiny, on a CPU, offline (a random 2-layer Qwen2 and a toy task; see READM
 
 The file in order (each section opens with a `# ----` band): Config (Args) -> Data -> Model -> Rollout ->
 Reward -> Log-probs -> GRPO core -> Update -> Schedules -> Distributed -> One GRPO step (grpo_step, the
-six steps) -> Evaluation -> Logging -> Checkpoints -> main. To add a task: its items in data/ and its
-reward function (Reward section; verify.py holds the built-in ones). To add a loss variant: the GRPO core
+six steps) -> Evaluation -> Logging -> Checkpoints -> main. To add a task: its items (jsonl) and a reward function
+in TRL's form in a file of your own, --reward FILE.py:FUNCTION (docs/rewards.md). To add a loss variant: the GRPO core
 section (group_advantages, grpo_loss), one Args field for its flag, and a test against a slow loop.
 """
 

@@ -9,7 +9,8 @@ never raises on any string input (it returns 0.0 instead) and returns quickly on
     format_reward(completion, kind)          1.0 iff the completion has the format the prompt asks for
     code_reward(completion, tests, timeout)  1.0 iff the program passes the asserts, run in a sandbox
 
-To add a task, write one more function here and call it from `score` in grpo.py.
+A task of your own needs no edit here: its reward function goes in a file of its own, `--reward FILE.py:FUNCTION`
+(docs/rewards.md). A new built-in verdict goes here and into `builtin_rewards` in grpo.py.
 """
 
 import json
