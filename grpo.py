@@ -772,7 +772,7 @@ def reward_functions(args: Args, pool) -> list[tuple]:
     return rewards
 
 
-def score(completions, items, rewards, **context) -> dict:
+def score(completions, items, reward_funcs, **context) -> dict:
     """Each reward function on the batch as TRL's GRPOTrainer calls it: fn(prompts=the items' "prompt", completions=,
     **context (completion_ids, trainer_state), **columns (the items' other fields as lists, None where missing)).
     A None value is "not applicable" (TRL): out of the weighted sum and that reward's statistics; None from every
@@ -781,7 +781,7 @@ def score(completions, items, rewards, **context) -> dict:
     keys = dict.fromkeys(key for item in items for key in item if key != "prompt")
     prompts, columns = [item["prompt"] for item in items], {key: [item.get(key) for item in items] for key in keys}
     per_reward, weights = {}, []
-    for name, function, weight in rewards:  # reward_functions
+    for name, function, weight in reward_funcs:  # reward_functions()
         try:
             values = function(prompts=prompts, completions=completions, **context, **columns)
         except Exception as e:
@@ -1287,8 +1287,8 @@ def all_reduce_gradients(parameters):
 # One GRPO step: the README's six steps, in order. Everything it calls is defined above.
 
 
-def sample_groups(step, position, train_items, sampler, tokenizer, args: Args, eos_ids, rewards, temperature, rank=0,
-                  world_size=1, log=print):
+def sample_groups(step, position, train_items, sampler, tokenizer, args: Args, eos_ids, reward_funcs, temperature,
+                  rank=0, world_size=1, log=print):
     """Steps 1-3 from `position` of the data order: B prompts (this rank's share), G completions each, their rewards.
     --dynamic-sampling (DAPO, Yu et al. 2025, algorithm 1): while fewer than B groups over all ranks are informative
     (rewards not all equal), a round of the next prompts, exactly as many as groups are missing (so none sampled goes
@@ -1308,8 +1308,8 @@ def sample_groups(step, position, train_items, sampler, tokenizer, args: Args, e
                                progress=f"step {step + 1} generate" if rank == 0 else "")
             seconds += time.time() - start
             # 3. Rewards: every reward function, given what TRL gives (trainer_state: the part of TRL's we have).
-            ids = [ids[mask.bool()].tolist() for ids, mask in zip(rollout["completion_ids"], rollout["completion_mask"])]
-            scores = score(rollout["texts"], group_items, rewards, completion_ids=ids,
+            ids = [row[mask.bool()].tolist() for row, mask in zip(rollout["completion_ids"], rollout["completion_mask"])]
+            scores = score(rollout["texts"], group_items, reward_funcs, completion_ids=ids,
                            trainer_state=argparse.Namespace(global_step=step, max_steps=args.steps))
             informative = int((~advantages_and_loss_mask(scores["rewards"], rollout, args)[3]).sum())
             rollouts.append({**rollout, "prompts": prompts})
@@ -1321,10 +1321,10 @@ def sample_groups(step, position, train_items, sampler, tokenizer, args: Args, e
     return concatenate_rollouts(rollouts, pad), concatenate_rollouts(scored, pad), position, rounds, seconds
 
 
-def grpo_step(step, train_items, model, sampler, tokenizer, optimizer, scheduler, args: Args, eos_ids, rewards,
+def grpo_step(step, train_items, model, sampler, tokenizer, optimizer, scheduler, args: Args, eos_ids, reward_funcs,
               bad_steps=0, rank=0, world_size=1, log=print, save=None, position=None) -> dict:
     """Sample B·G completions, score them, and make μ optimizer steps on them. sampler is the model that samples
-    (model itself, or its dense copy with --generation-model merged); rewards: reward_functions'; bad_steps counts
+    (model itself, or its dense copy with --generation-model merged); reward_funcs: reward_functions'; bad_steps counts
     the skipped updates in a row so far; save() writes a checkpoint before an out-of-memory stop; position: where
     the step's prompts start in the data order (default step·B). Returns what the loop logs (step_metrics reads it)."""
     device = model.device
@@ -1337,7 +1337,7 @@ def grpo_step(step, train_items, model, sampler, tokenizer, optimizer, scheduler
     # --dynamic-sampling, more rounds until B groups are informative.
     position = step * args.prompts_per_step if position is None else position
     rollout, scores, position, rounds, generate_seconds = sample_groups(
-        step, position, train_items, sampler, tokenizer, args, eos_ids, rewards, temperature, rank, world_size, log)
+        step, position, train_items, sampler, tokenizer, args, eos_ids, reward_funcs, temperature, rank, world_size, log)
     if sampler is not model:
         release_generation_model(model, sampler)  # not needed until the refresh after the update
 
@@ -1723,7 +1723,7 @@ def main(args: Args):
     seed_everything(args.seed)  # the same on every rank, so the LoRA initialisation is identical
     resume_from, args = resume_target(args)
     pool = ThreadPoolExecutor(args.reward_workers)
-    rewards = reward_functions(args, pool)  # a --reward that cannot be found: one line now, before anything loads
+    reward_funcs = reward_functions(args, pool)  # a --reward that cannot be found: one line now, before anything loads
     # Ranks start a second apart: rank 0's timestamp names the run for all of them.
     run_dir = os.path.join(args.out_dir, all_gather(args.run_name or time.strftime("grpo-%Y%m%d-%H%M%S"))[0])
     train_items, eval_items = load_data(args)
@@ -1770,7 +1770,7 @@ def main(args: Args):
             save = (lambda: log(f"saved {save_checkpoint(run_dir, step, model, optimizer, scheduler, args, args.keep_last, [rng_state()], position)}")
                     ) if world_size == 1 and step > 0 else None
             result = grpo_step(step, train_items, model, sampler, tokenizer, optimizer, scheduler, args, eos_ids,
-                               rewards, bad_steps, rank, world_size, log, save, position)
+                               reward_funcs, bad_steps, rank, world_size, log, save, position)
             bad_steps, position = result["bad_steps"], result["position"]
             metrics = step_metrics(result, args, world_size)
             log(format_step_line(metrics, args.steps))

@@ -752,8 +752,8 @@ def run_main_with_random_rewards(args, flat_groups=False):
     flat_groups: each group scores all alike with probability 1/2 (zero std, for --dynamic-sampling)."""
     original = grpo.score
 
-    def random_score(completions, items, rewards, **context):
-        scores = original(completions, items, rewards, **context)
+    def random_score(completions, items, reward_funcs, **context):
+        scores = original(completions, items, reward_funcs, **context)
         scores["rewards"] = torch.rand(len(completions))
         if flat_groups:
             groups = scores["rewards"].view(-1, args.group_size)
@@ -1738,7 +1738,7 @@ def fixed_generate(model, tokenizer, prompts, args, eos_ids, temperature, greedy
     return dict(prompt_ids=encoded["input_ids"], prompt_mask=encoded["attention_mask"], completion_ids=completion_ids,
                 completion_mask=mask, truncated=truncated, texts=["x"] * len(prompts))
 
-def fixed_score(completions, items, rewards, **context):
+def fixed_score(completions, items, reward_funcs, **context):
     """A function of the item and the completion's place in its group (args: the script's); one item in three
     scores all its group alike (for --dynamic-sampling)."""
     rewards = torch.tensor([0.0 if zlib.crc32(item["prompt"].encode()) % 3 == 0 else
