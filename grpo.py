@@ -25,8 +25,8 @@ Departures from the paper (each is a flag; the default is listed first):
      exactly 1 and the clip never binds (the gradient is the plain policy gradient). With μ > 1 the
      old log-probs are computed once before the updates and the clip does its PPO job.
   5. Asymmetric clipping `--clip-high` (DAPO's "clip-higher" uses 0.28), dropping zero-std groups
-     from the loss (`--drop-zero-std-groups`, DAPO's dynamic sampling without the re-sampling), and
-     masking or penalising completions that hit max_new_tokens (`--overlong`, DAPO).
+     from the loss (`--drop-zero-std-groups`) or refilling the batch with informative ones (`--dynamic-sampling`,
+     DAPO's dynamic sampling), and masking or penalising completions that hit max_new_tokens (`--overlong`, DAPO).
   6. Log-probs are computed at the sampling temperature (logits / T), so they are the log-probs of
      the policy that sampled. top-p truncation is not modelled (as in TRL).
   7. On a GPU, rollouts are sampled from a dense bf16 copy of the policy (4-bit base dequantized, LoRA
@@ -45,8 +45,8 @@ Run it tiny, on a CPU, offline (a random 2-layer Qwen2 and a toy task; see READM
 
 The file in order (each section opens with a `# ----` band): Config (Args) -> Data -> Model -> Rollout ->
 Reward -> Log-probs -> GRPO core -> Update -> Schedules -> Distributed -> One GRPO step (grpo_step, the
-six steps) -> Evaluation -> Logging -> Checkpoints -> main. To add a task: its items in data/ and its
-reward function (Reward section; verify.py holds the built-in ones). To add a loss variant: the GRPO core
+six steps) -> Evaluation -> Logging -> Checkpoints -> main. To add a task: its items (jsonl) and a reward function
+in TRL's form in a file of your own, --reward FILE.py:FUNCTION (docs/rewards.md). To add a loss variant: the GRPO core
 section (group_advantages, grpo_loss), one Args field for its flag, and a test against a slow loop.
 """
 
@@ -55,6 +55,7 @@ import contextlib
 import copy
 import dataclasses
 import io
+import importlib.util
 import json
 import math
 import os
@@ -139,7 +140,11 @@ class Args:
     overlong: str = arg("keep", "truncated completions: keep | mask (out of the loss, DAPO) | penalty (reward - overlong_penalty)",
                         choices=("keep", "mask", "penalty"))
     overlong_penalty: float = arg(1.0, "subtracted from a truncated completion's reward with --overlong penalty", valid=AT_LEAST_0)
+    dynamic_sampling: bool = arg(False, "DAPO: sample more prompts until B groups have rewards not all equal (docs/rewards.md)")
+    max_refill_rounds: int = arg(4, "--dynamic-sampling: the most extra generation rounds per step", valid=AT_LEAST_0)
     # reward
+    reward: tuple = arg((), "repeatable: correct | format | module:function | path/file.py:function, TRL's signature, "
+                        "optional =WEIGHT (default: --correct-weight, --format-weight, 1); none: correct, format (docs/rewards.md)")
     correct_weight: float = arg(1.0, "weight of the correctness reward (math answer or code tests)", valid=ANY)
     format_weight: float = arg(0.1, "weight of the format reward (one final \\boxed{} / one ```python block)", valid=ANY)
     strict: bool = arg(True, "training reward reads only \\boxed{} answers (else also the last number)")
@@ -190,7 +195,7 @@ class Args:
 
 # --help's groups, each named at its first field (Args' order).
 ARG_GROUPS = {"run_name": "run and logging", "model": "model and QLoRA", "data": "data", "prompts_per_step": "rollout",
-              "correct_weight": "reward", "beta": "loss", "steps": "optimization", "eval_every": "evaluation and checkpoints"}
+              "reward": "reward", "beta": "loss", "steps": "optimization", "eval_every": "evaluation and checkpoints"}
 
 EXAMPLES = """examples:
   python grpo.py --data data/gsm8k.jsonl                     # Qwen2.5-14B in 4-bit on one 80 GB GPU
@@ -213,14 +218,16 @@ def command_line(argv=None) -> dict:
     for f in dataclasses.fields(Args):
         if f.name in ARG_GROUPS:
             group = parser.add_argument_group(ARG_GROUPS[f.name])
-        shown = f" (default: {f.default})" if f.default not in ("", None) else ""
+        shown = f" (default: {f.default})" if f.default not in ("", None, ()) else ""
         help = (f.metadata["help"] + shown).replace("%", "%%")  # argparse formats help with %
         if f.type in (bool, "bool"):  # --x / --no-x
             group.add_argument(flag(f.name), help=help, action=argparse.BooleanOptionalAction)
+        elif isinstance(f.default, tuple):  # repeatable: --x A --x B (a list here, a tuple in Args)
+            group.add_argument(flag(f.name), help=help, action="append", metavar=f.name.upper())
         else:
             group.add_argument(flag(f.name), help=help, type=type(f.default), choices=f.metadata["choices"],
                                metavar=None if f.metadata["choices"] else f.name.upper())
-    return vars(parser.parse_args(argv))
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in vars(parser.parse_args(argv)).items()}
 
 
 def parse_args(argv=None) -> Args:
@@ -244,11 +251,12 @@ def check_args(args: Args, world_size: int = 1):
     """Reject impossible settings before anything slow happens: every field against its choices or its
     valid range (from Args), then the few rules that involve two settings."""
     for f in dataclasses.fields(Args):
-        value, choices, valid = getattr(args, f.name), f.metadata["choices"], f.metadata["valid"]
-        if choices and value not in choices:
-            fail(f"{flag(f.name)} {value!r}: choose one of {', '.join(choices)}")
-        if valid and not in_interval(value, valid):
-            fail(f"{flag(f.name)} {value} is outside its valid range {valid} ({f.metadata['help']})")
+        values, choices, valid = getattr(args, f.name), f.metadata["choices"], f.metadata["valid"]
+        for value in values if isinstance(f.default, tuple) else (values,):  # a repeatable flag: each of its values
+            if choices and value not in choices:
+                fail(f"{flag(f.name)} {value!r}: choose one of {', '.join(choices)}")
+            if valid and not in_interval(value, valid):
+                fail(f"{flag(f.name)} {value} is outside its valid range {valid} ({f.metadata['help']})")
     if args.prompts_per_step % world_size:
         fail(f"--prompts-per-step {args.prompts_per_step} does not split into whole groups over {world_size} ranks")
     if args.adapter and not (args.eval_only and os.path.isfile(os.path.join(args.adapter, "adapter_config.json"))):
@@ -287,8 +295,9 @@ def write_atomically(path, data):
     os.replace(path + ".tmp", path)
 
 
-def load_items(path) -> list[dict]:
-    """One JSON object per line: "prompt" (or GSM8K's "question") and "answer" (math) or "tests" (code)."""
+def load_items(path, kind_required="") -> list[dict]:
+    """One JSON object per line: "prompt" (or GSM8K's "question"), "answer" (math) or "tests" (code), and any other
+    fields (the columns reward functions get). kind_required: when one of "answer"/"tests" must be there, and why."""
     if not os.path.exists(path) and os.path.basename(path) in GSM8K_FILES:
         download_gsm8k(path)
     if not os.path.isfile(path) or not os.access(path, os.R_OK):
@@ -312,14 +321,12 @@ def load_items(path) -> list[dict]:
             prompt = record.get("prompt", record.get("question"))
             if not isinstance(prompt, str) or not prompt.strip():
                 fail(f"{where}: field \"prompt\" (or \"question\") is missing or not a non-empty string")
-            item = {"prompt": prompt}
+            item = {"prompt": prompt, **{k: v for k, v in record.items() if k not in ("prompt", "question")}}
             for key in ("answer", "tests", "entry_point"):
-                if key in record:
-                    if not isinstance(record[key], str):
-                        fail(f"{where}: field \"{key}\" must be a string")
-                    item[key] = record[key]
-            if ("answer" in item) == ("tests" in item):
-                fail(f"{where}: needs exactly one of \"answer\" (math) or \"tests\" (code)")
+                if key in item and not isinstance(item[key], str):
+                    fail(f"{where}: field \"{key}\" must be a string")
+            if "answer" in item and "tests" in item or kind_required and "answer" not in item and "tests" not in item:
+                fail(f"{where}: needs one of \"answer\" (math) or \"tests\" (code), not both{kind_required}")
             items.append(item)
     if not items:
         fail(f"data file {path} has no items")
@@ -328,8 +335,9 @@ def load_items(path) -> list[dict]:
 
 def load_data(args: Args) -> tuple[list[dict], list[dict]]:
     """The training items (none with --eval-only) and the first --eval-n held-out items (none without eval)."""
-    train_items = [] if args.eval_only else load_items(args.data)
-    eval_items = load_items(args.eval_data) if (args.eval_every > 0 or args.eval_only) else []
+    train_items = [] if args.eval_only else load_items(args.data, "" if args.reward else " (the built-in rewards; a task "
+                                                       "of your own: --reward, docs/rewards.md)")
+    eval_items = load_items(args.eval_data, " (evaluation uses verify.py)") if (args.eval_every > 0 or args.eval_only) else []
     eval_items = eval_items[: args.eval_n] if args.eval_n > 0 else eval_items
     if train_items and args.prompts_per_step > len(train_items):
         fail(f"--prompts-per-step {args.prompts_per_step} is more than the {len(train_items)} items in {args.data}")
@@ -348,23 +356,20 @@ PLAIN_TEMPLATE = ("A conversation between User and Assistant. The User asks a qu
 
 
 def build_prompt(item, tokenizer, use_chat_template=True) -> str:
-    instruction = CODE_INSTRUCTION if "tests" in item else MATH_INSTRUCTION
-    question = f"{item['prompt'].strip()}\n{instruction}"
+    instruction = CODE_INSTRUCTION if "tests" in item else MATH_INSTRUCTION if "answer" in item else ""  # else: as written
+    question = f"{item['prompt'].strip()}\n{instruction}".strip()
     if use_chat_template and tokenizer.chat_template:
         return tokenizer.apply_chat_template([{"role": "user", "content": question}],
                                              tokenize=False, add_generation_prompt=True)
     return PLAIN_TEMPLATE.format(question=question)
 
 
-def batch_indices(step, batch_size, num_items, seed) -> list[int]:
-    """The items of a step: a fresh seeded permutation per epoch, so the data position is a pure
-    function of the step (resume needs nothing but the step number)."""
-    indices = []
-    for position in range(step * batch_size, (step + 1) * batch_size):
-        epoch, offset = divmod(position, num_items)
-        order = np.random.default_rng(seed + epoch).permutation(num_items)
-        indices.append(int(order[offset]))
-    return indices
+def data_indices(position, count, num_items, seed) -> list[int]:
+    """The items at positions [position, position + count) of the data order: a fresh seeded permutation per
+    epoch, so the order is a pure function of the position. Step s starts at s·B, or with --dynamic-sampling where
+    the step before stopped (checkpoints save it as data_position)."""
+    return [int(np.random.default_rng(seed + p // num_items).permutation(num_items)[p % num_items])  # epoch, offset
+            for p in range(position, position + count)]
 
 
 # -----------------------------------------------------------------------------
@@ -710,25 +715,114 @@ def generate(model, tokenizer, prompts, args: Args, eos_ids, temperature, greedy
                 completion_mask=completion_mask, truncated=truncated, texts=texts, generation_chunk=chunk_size)
 
 
+def concatenate_rollouts(parts, pad_id) -> dict:
+    """One rollout from several (the rounds of --dynamic-sampling), whatever their keys: [N] tensors are concatenated,
+    [N, width] ones padded to the widest first (prompt_* on the left as prompts are, the rest on the right as
+    completions are; *_ids with pad_id, the rest with 0), lists joined, dicts key by key; a number: the last part's."""
+    def join(key, values):
+        if isinstance(values[0], dict):
+            return concatenate_rollouts(values, pad_id)
+        if not torch.is_tensor(values[0]):
+            return sum(values, []) if isinstance(values[0], list) else values[-1]
+        width, left = max(v.shape[-1] for v in values), key.startswith("prompt")
+        return torch.cat([v if v.dim() == 1 else torch.nn.functional.pad(v, (width - v.shape[1], 0) if left else
+                          (0, width - v.shape[1]), value=pad_id if key.endswith("_ids") else 0) for v in values])
+    return {key: join(key, [part[key] for part in parts]) for key in parts[0]}
+
+
+def select_rows(batch, rows) -> dict:
+    """The rows (a bool mask [N]) of a batch of [N, ...] tensors, less the prompt columns (left) and completion columns
+    (right) that are padding in all of them: the batch these sequences make when sampled together."""
+    batch = {key: value[rows] for key, value in batch.items()}
+    first = int(batch["prompt_mask"].any(dim=0).int().argmax())  # the first column with a real prompt token
+    used = int((batch["completion_mask"].any(dim=0) * torch.arange(1, batch["completion_mask"].shape[1] + 1)).max())
+    return {key: value if value.dim() == 1 else value[:, first:] if key.startswith("prompt") else value[:, :used]
+            for key, value in batch.items()}
+
+
 # -----------------------------------------------------------------------------
-# Reward: verify.py decides what is correct; this only weighs and batches. Add a task in verify.py.
+# Reward: the functions of --reward, called as TRL's GRPOTrainer calls its reward_funcs, checked and weighed.
+# verify.py holds the built-in verdicts; a task of your own is a function in a file (docs/rewards.md).
 
 
-def verify_completion(text, item, args: Args, strict) -> tuple[float, float]:
-    """(correct, formatted) of one completion: verify.py's verdicts for its item's kind (code or math)."""
-    if "tests" in item:
-        correct = code_reward(text, item["tests"], args.code_timeout, unsafe_code_sandbox=args.unsafe_code_sandbox)
-        return correct, format_reward(text, kind="code")
-    return math_reward(text, item["answer"], strict=strict), format_reward(text, kind="math")
+def builtin_rewards(args: Args, pool=None) -> dict:
+    """The built-in rewards in TRL's form, and their weights: correct (verify.py's verdict on the item's "answer" or
+    "tests", in the thread pool; None for an item with neither) and format (verify.format_reward)."""
+    def verdict(text, answer, tests):
+        if tests is not None:
+            return code_reward(text, tests, args.code_timeout, unsafe_code_sandbox=args.unsafe_code_sandbox)
+        return None if answer is None else math_reward(text, answer, strict=args.strict)
+
+    def correct(prompts, completions, answer=None, tests=None, **columns):
+        return list(pool.map(verdict, completions, answer or [None] * len(completions), tests or [None] * len(completions)))
+
+    def format(prompts, completions, tests=None, **columns):
+        return [format_reward(text, "math" if t is None else "code")
+                for text, t in zip(completions, tests or [None] * len(completions))]
+    return {"correct": (correct, args.correct_weight), "format": (format, args.format_weight)}
 
 
-def score(completions, items, args: Args, pool) -> dict:
-    """Reward each completion (items[i] is completion i's item). Returns float tensors [N]:
-    reward = correct_weight·correct + format_weight·formatted (overlong penalty applied later)."""
-    verdicts = pool.map(lambda pair: verify_completion(*pair, args, args.strict), zip(completions, items))
-    correct, formatted = (torch.tensor(column, dtype=torch.float32) for column in zip(*verdicts))
-    rewards = args.correct_weight * correct + args.format_weight * formatted
-    return dict(rewards=rewards, correct=correct, formatted=formatted)
+def import_reward(location, name):
+    """The function `name` of a module (`package.module`) or a file (`path/to/file.py`)."""
+    try:
+        if location.endswith(".py"):
+            spec = importlib.util.spec_from_file_location(os.path.basename(location)[:-3], location)
+            spec.loader.exec_module(module := importlib.util.module_from_spec(spec))
+        else:
+            module = importlib.import_module(location)
+    except Exception as e:  # a missing file or module, or any error inside it
+        fail(f"--reward {location}:{name}: cannot import {location} ({type(e).__name__}: {' '.join(str(e).split())[:200]})")
+    function = getattr(module, name, None)
+    return function if callable(function) else fail(f"--reward {location}:{name}: {location} has no function {name}")
+
+
+def reward_functions(args: Args, pool) -> list[tuple]:
+    """(name, function, weight) of each --reward SPEC, imported before the model loads: a bad spec is one line at
+    startup. The name (the function's) names its metrics, reward/NAME."""
+    builtins, rewards = builtin_rewards(args, pool), []
+    for spec in args.reward or ("correct", "format"):
+        location, _, target = spec.rpartition(":")  # the last ":": a Windows path keeps its drive
+        name, _, weight = target.partition("=")
+        if not location and name not in builtins:
+            fail(f"--reward {spec}: not a built-in reward ({', '.join(builtins)}), module:function or path/to/file.py:function")
+        function, default_weight = (import_reward(location, name), 1.0) if location else builtins[name]
+        try:
+            weight = float(weight) if weight else default_weight
+        except ValueError:
+            weight = math.nan
+        if not math.isfinite(weight):
+            fail(f"--reward {spec}: the weight after = must be a finite number")
+        rewards.append((name, function, weight))
+    names = [name for name, _, _ in rewards]
+    if len(set(names)) < len(names) or {"mean", "std"} & set(names):
+        fail(f"--reward: the reward names {names} must differ from each other and from mean and std (metric reward/NAME)")
+    return rewards
+
+
+def score(completions, items, reward_funcs, **context) -> dict:
+    """Each reward function on the batch as TRL's GRPOTrainer calls it: fn(prompts=the items' "prompt", completions=,
+    **context (completion_ids, trainer_state), **columns (the items' other fields as lists, None where missing)).
+    A None value is "not applicable" (TRL): out of the weighted sum and that reward's statistics; None from every
+    function: unscorable, reward NaN. Returns rewards [N] = Σ weight·value, per_reward {name: [N], NaN for None}.
+    A function that raises, or returns a wrong length or a value neither finite nor None, ends the run."""
+    keys = dict.fromkeys(key for item in items for key in item if key != "prompt")
+    prompts, columns = [item["prompt"] for item in items], {key: [item.get(key) for item in items] for key in keys}
+    per_reward, weights = {}, []
+    for name, function, weight in reward_funcs:  # reward_functions()
+        try:
+            values = function(prompts=prompts, completions=completions, **context, **columns)
+        except Exception as e:
+            fail(f"reward {name} raised {type(e).__name__}: {' '.join(str(e).split())[:200]}")
+        if not isinstance(values, (list, tuple)) or len(values) != len(completions):
+            fail(f"reward {name} returned {type(values).__name__} {str(values)[:80]}, not a list of {len(completions)} values")
+        for i, value in enumerate(values):
+            if value is not None and not (isinstance(value, (int, float, np.integer, np.floating)) and math.isfinite(value)):
+                fail(f"reward {name}: item {i} of {len(values)} ({prompts[i][:60]!r}): {value!r} is not a finite number or None")
+        per_reward[name], weights = torch.tensor([math.nan if v is None else float(v) for v in values]), weights + [weight]
+    values = torch.stack(list(per_reward.values()), dim=1)  # [N, rewards]
+    rewards = (values * torch.tensor(weights)).nansum(dim=1)  # [N]: None counts 0 ...
+    rewards[values.isnan().all(dim=1)] = math.nan  # ... unless every function said None (unscorable)
+    return dict(rewards=rewards, per_reward=per_reward)
 
 
 # -----------------------------------------------------------------------------
@@ -876,6 +970,12 @@ def group_advantages(rewards, group_size, scale=True, eps=1e-4):
     """Â_i = (R_i - mean of its group) / (std of its group + eps); rewards [B*G] with each group's G
     completions contiguous. scale=False leaves out the division (Dr. GRPO). A group with identical
     rewards gets exactly 0: it says nothing about which completion is better."""
+    if rewards.isnan().any():  # unscorable (NaN: no reward function applied): 0, out of the group's mean and std (TRL)
+        advantages = torch.zeros_like(rewards)
+        for scored in (group[~rewards[group].isnan()] for group in torch.arange(len(rewards)).view(-1, group_size)):
+            if len(scored) > 1:
+                advantages[scored] = group_advantages(rewards[scored], len(scored), scale, eps)
+        return advantages
     grouped = rewards.view(-1, group_size)  # [B, G]
     centered = grouped - grouped.mean(dim=1, keepdim=True)  # [B, G]
     if scale:
@@ -1214,40 +1314,68 @@ def all_reduce_gradients(parameters):
 # One GRPO step: the README's six steps, in order. Everything it calls is defined above.
 
 
-def grpo_step(step, train_items, model, sampler, tokenizer, optimizer, scheduler, args: Args, eos_ids, pool,
-              bad_steps=0, rank=0, world_size=1, log=print, save=None) -> dict:
-    """Sample B·G completions, score them, and make μ optimizer steps on them. sampler is the model
-    that samples (model itself, or its dense copy with --generation-model merged); bad_steps counts the
-    skipped updates in a row so far; save() writes a checkpoint before an out-of-memory stop. Returns
-    what the loop logs (step_metrics reads it)."""
+def sample_groups(step, position, train_items, sampler, tokenizer, args: Args, eos_ids, reward_funcs, temperature,
+                  rank=0, world_size=1, log=print):
+    """Steps 1-3 from `position` of the data order: B prompts (this rank's share), G completions each, their rewards.
+    --dynamic-sampling (DAPO, Yu et al. 2025, algorithm 1): while fewer than B groups over all ranks are informative
+    (rewards not all equal), a round of the next prompts, exactly as many as groups are missing (so none sampled goes
+    unused), at most --max-refill-rounds times. Returns (rollouts with "prompts", scores, next position, rounds, seconds)."""
+    rollouts, scored, found, seconds = [], [], 0, 0.0
+    for rounds in range(1, 2 + (args.max_refill_rounds if args.dynamic_sampling else 0)):
+        # 1. The round's prompts (B, then the missing ones): rank r takes the r-th of world_size near-equal slices,
+        # each prompt repeated G times (a group's G are contiguous).
+        count, start = args.prompts_per_step - found, time.time()
+        indices = data_indices(position, count, len(train_items), args.seed)[rank * count // world_size : (rank + 1) * count // world_size]
+        position += count
+        group_items = [train_items[i] for i in indices for _ in range(args.group_size)]
+        prompts, informative = [build_prompt(item, tokenizer, args.chat_template) for item in group_items], 0
+        if prompts:  # a small refill round may leave a rank none
+            # 2. Rollout: one sampled completion per prompt copy, and its completion mask.
+            rollout = generate(sampler, tokenizer, prompts, args, eos_ids, temperature, log=log,
+                               progress=f"step {step + 1} generate" if rank == 0 else "")
+            seconds += time.time() - start
+            # 3. Rewards: every reward function, given what TRL gives (trainer_state: the part of TRL's we have).
+            ids = [row[mask.bool()].tolist() for row, mask in zip(rollout["completion_ids"], rollout["completion_mask"])]
+            scores = score(rollout["texts"], group_items, reward_funcs, completion_ids=ids,
+                           trainer_state=argparse.Namespace(global_step=step, max_steps=args.steps))
+            informative = int((~advantages_and_loss_mask(scores["rewards"], rollout, args)[3]).sum())
+            rollouts.append({**rollout, "prompts": prompts})
+            scored.append(scores)
+        found += sum(all_gather(informative))  # the same total on every rank: they agree on the rounds
+        if found >= args.prompts_per_step:
+            break
+    pad = tokenizer.pad_token_id
+    return concatenate_rollouts(rollouts, pad), concatenate_rollouts(scored, pad), position, rounds, seconds
+
+
+def grpo_step(step, train_items, model, sampler, tokenizer, optimizer, scheduler, args: Args, eos_ids, reward_funcs,
+              bad_steps=0, rank=0, world_size=1, log=print, save=None, position=None) -> dict:
+    """Sample B·G completions, score them, and make μ optimizer steps on them. sampler is the model that samples
+    (model itself, or its dense copy with --generation-model merged); reward_funcs: reward_functions'; bad_steps counts
+    the skipped updates in a row so far; save() writes a checkpoint before an out-of-memory stop; position: where
+    the step's prompts start in the data order (default step·B). Returns what the loop logs (step_metrics reads it)."""
     device = model.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     step_start = time.time()
     temperature = temperature_at(step, args)  # sampling and log-probs use the same one: same policy
 
-    # 1. This rank's share of the step's B prompts, each repeated G times (a group's G are contiguous).
-    local_prompts = args.prompts_per_step // world_size
-    indices = batch_indices(step, args.prompts_per_step, len(train_items), args.seed)
-    items = [train_items[i] for i in indices[rank * local_prompts : (rank + 1) * local_prompts]]
-    group_items = [item for item in items for _ in range(args.group_size)]
-    prompts = [build_prompt(item, tokenizer, args.chat_template) for item in group_items]
-
-    # 2. Rollout: one sampled completion per prompt copy, and its completion mask.
-    rollout = generate(sampler, tokenizer, prompts, args, eos_ids, temperature, log=log,
-                       progress=f"step {step + 1} generate" if rank == 0 else "")
-    generate_seconds = time.time() - step_start
+    # 1-3. The next B prompts of the data order, G completions each, their rewards (sample_groups); with
+    # --dynamic-sampling, more rounds until B groups are informative.
+    position = step * args.prompts_per_step if position is None else position
+    rollout, scores, position, rounds, generate_seconds = sample_groups(
+        step, position, train_items, sampler, tokenizer, args, eos_ids, reward_funcs, temperature, rank, world_size, log)
     if sampler is not model:
         release_generation_model(model, sampler)  # not needed until the refresh after the update
 
-    # 3. Rewards: verify.py's verdicts, weighted.
-    scores = score(rollout["texts"], group_items, args, pool)
-
-    # 4. Group advantages, and the loss mask that says which tokens train.
+    # 4. Group advantages, and the loss mask that says which tokens train. --dynamic-sampling: the batch is the
+    # informative groups alone, as if only they had been sampled.
     rewards, advantages, loss_mask, zero_std = advantages_and_loss_mask(scores["rewards"], rollout, args)
     batch = {"prompt_ids": rollout["prompt_ids"], "prompt_mask": rollout["prompt_mask"],
              "completion_ids": rollout["completion_ids"], "completion_mask": rollout["completion_mask"],
              "loss_mask": loss_mask, "advantages": advantages}
+    if args.dynamic_sampling:
+        batch = select_rows(batch, ~zero_std.repeat_interleave(args.group_size))
     batch = {k: v.to(device) for k, v in batch.items()}
 
     # 5. Reference (adapters off) and, for μ > 1, old log-probs: computed once, before any update.
@@ -1270,8 +1398,9 @@ def grpo_step(step, train_items, model, sampler, tokenizer, optimizer, scheduler
     if sampler is not model:
         refresh_generation_model(model, sampler)  # the next rollout samples from the updated policy
     train_seconds = time.time() - train_start
-    return {"step": step + 1, "prompts": prompts, "rollout": rollout, "scores": scores, "rewards": rewards,
-            "advantages": advantages, "zero_std": zero_std, "stats": stats, "grad_norm": grad_norm,
+    return {"step": step + 1, "prompts": rollout["prompts"], "rollout": rollout, "scores": scores, "rewards": rewards,
+            "advantages": advantages, "zero_std": zero_std, "stats": stats, "grad_norm": grad_norm, "position": position,
+            "rounds": rounds, "groups_kept": len(batch["advantages"]) // args.group_size,
             "bad_steps": bad_steps, "temperature": temperature, "lr": scheduler.get_last_lr()[0],
             "seconds": {"generate": generate_seconds, "reference": reference_seconds, "train": train_seconds,
                         "step": time.time() - step_start},
@@ -1291,15 +1420,13 @@ def evaluate(model, tokenizer, items, args: Args, eos_ids, pool, rank=0, world_s
         prompts = [build_prompt(item, tokenizer, args.chat_template) for item in shard]
         texts = generate(model, tokenizer, prompts, args, eos_ids, temperature=1.0, greedy=True,
                          progress="eval" if rank == 0 else "")["texts"]
-
-        def score_one(pair):
-            text, item = pair
-            strict, formatted = verify_completion(text, item, args, strict=True)
-            # Lenient extraction only exists for math; a code verdict is the same either way (and costly).
-            lenient = strict if "tests" in item else verify_completion(text, item, args, strict=False)[0]
-            return strict, lenient, formatted
-        scores = list(pool.map(score_one, zip(texts, shard)))
-        strict, lenient, formatted = (sum(column) for column in zip(*scores))
+        answer, tests = [item.get("answer") for item in shard], [item.get("tests") for item in shard]
+        (correct, _), (formatted, _) = builtin_rewards(dataclasses.replace(args, strict=True), pool).values()
+        verdicts = correct(prompts, texts, answer, tests)
+        # Lenient extraction is for math only: code items get None here and keep their (costly) strict verdict.
+        lenient_math = builtin_rewards(dataclasses.replace(args, strict=False), pool)["correct"][0](prompts, texts, answer)
+        strict, formatted = sum(verdicts), sum(formatted(prompts, texts, tests=tests))
+        lenient = sum(strict_verdict if v is None else v for strict_verdict, v in zip(verdicts, lenient_math))
     totals = np.sum(all_gather([strict, lenient, formatted, len(shard)]), axis=0)
     n = max(totals[3], 1)
     return {"eval/accuracy_strict": totals[0] / n, "eval/accuracy_lenient": totals[1] / n,
@@ -1311,6 +1438,8 @@ def evaluate(model, tokenizer, items, args: Args, eos_ids, pool, rank=0, world_s
 
 # Phrases of self-verification and backtracking, the "aha" behaviours GRPO runs are watched for
 # (DeepSeek-R1, sec. 2.2.4). A completion counts once if it contains any of them.
+# The metric of a reward function's mean, reward/NAME (not reward/mean, reward/std, reward/NAME/std).
+REWARD_FUNCTION_MEAN = re.compile(r"reward/(?!(?:mean|std)$)[^/]+")
 REFLECTION_PATTERN = re.compile(r"\b(wait|let me (?:check|verify|re-?check|re-?evaluate|think again)|verify|"
                                 r"double[- ]check|re-?check|on second thought|i made a mistake|actually)\b",
                                 re.IGNORECASE)
@@ -1327,24 +1456,29 @@ def step_metrics(result, args: Args, world_size=1) -> dict:
     """The metrics.jsonl record of one step (names in the README), over every rank's completions.
     result is grpo_step's; its "stats" are accumulate_gradients' token-weighted loss statistics."""
     rollout = result["rollout"]
-    gathered = all_gather({"rewards": result["rewards"].tolist(), "correct": result["scores"]["correct"].tolist(),
-                           "formatted": result["scores"]["formatted"].tolist(),
-                           "lengths": rollout["completion_mask"].sum(1).int().tolist(),
+    gathered = all_gather({"reward": result["rewards"].tolist(), "lengths": rollout["completion_mask"].sum(1).int().tolist(),
+                           **{f"reward/{name}": values.tolist() for name, values in result["scores"]["per_reward"].items()},
                            "truncated": rollout["truncated"].tolist(), "zero_std": result["zero_std"].tolist(),
                            "reflection": [bool(REFLECTION_PATTERN.search(t)) for t in rollout["texts"]],
-                           "stats": result["stats"], "peak_memory_gib": result["peak_memory_gib"]})
+                           "stats": result["stats"], "peak_memory_gib": result["peak_memory_gib"], "kept": [result["groups_kept"]]})
     every = {key: np.concatenate([g[key] for g in gathered]) for key in gathered[0] if key not in ("stats", "peak_memory_gib")}
     tokens = [g["stats"].get("tokens", 0.0) for g in gathered]
 
     def token_mean(key):  # a loss statistic over all ranks' trained tokens
         return float(np.average([g["stats"].get(key, 0.0) for g in gathered], weights=tokens)) if sum(tokens) else 0.0
+
+    def mean_and_std(key):  # over the values that are there: None (NaN) leaves a reward's statistics, as in TRL
+        values = every[key][~np.isnan(every[key])]
+        return {f"{key}/mean" if key == "reward" else key: float(values.mean()) if values.size else math.nan,
+                f"{key}/std": float(values.std()) if values.size else math.nan}
     seconds = result["seconds"]
-    return {"step": result["step"], "reward/mean": float(every["rewards"].mean()), "reward/std": float(every["rewards"].std()),
-            "reward/correct": float(every["correct"].mean()), "reward/format": float(every["formatted"].mean()),
+    return {"step": result["step"], **{k: v for key in every if key.startswith("reward") for k, v in mean_and_std(key).items()},
+            "completions/unscorable_frac": float(np.isnan(every["reward"]).mean()),
             "completions/mean_length": float(every["lengths"].mean()), "completions/max_length": int(every["lengths"].max()),
             "completions/truncated_frac": float(every["truncated"].mean()),
             "groups/zero_std_frac": float(every["zero_std"].mean()),
             "groups/dropped": int(every["zero_std"].sum()) if args.drop_zero_std_groups else 0,
+            "groups/sampled": len(every["zero_std"]), "groups/kept": int(every["kept"].sum()), "groups/rounds": result["rounds"],
             "behaviour/reflection_rate": float(every["reflection"].mean()),
             "loss/value": sum(g["stats"].get("loss", 0.0) for g in gathered), "loss/kl": token_mean("kl"),
             "loss/clip_frac": token_mean("clip_frac"), "loss/clip_frac_low": token_mean("clip_frac_low"),
@@ -1360,8 +1494,8 @@ def step_metrics(result, args: Args, world_size=1) -> dict:
 
 
 def format_step_line(m, steps) -> str:
-    return (f"step {m['step']}/{steps} | reward {m['reward/mean']:.3f} ± {m['reward/std']:.3f} "
-            f"| acc {m['reward/correct']:.3f} | fmt {m['reward/format']:.2f} "
+    rewards = "".join(f"| {key[7:]} {m[key]:.3f} " for key in m if REWARD_FUNCTION_MEAN.fullmatch(key))
+    return (f"step {m['step']}/{steps} | reward {m['reward/mean']:.3f} ± {m['reward/std']:.3f} {rewards}"
             f"| len {m['completions/mean_length']:.0f}/{m['completions/max_length']} "
             f"| trunc {m['completions/truncated_frac']:.2f} | zero-std {m['groups/zero_std_frac']:.2f} "
             f"| kl {m['loss/kl']:.4f} | ent {m['policy/entropy']:.3f} | clip {m['loss/clip_frac']:.3f} | lr {m['optim/lr']:.2e} "
@@ -1408,9 +1542,11 @@ def write_step_records(run_dir, metrics, result, args: Args, log=print):
     """Rank 0: the step's record to metrics.jsonl, its first --samples-per-step completions to
     samples.jsonl, and every --sample-every steps one completion on stdout."""
     prompts, texts, rewards, advantages = result["prompts"], result["rollout"]["texts"], result["rewards"], result["advantages"]
+    number = lambda value: None if math.isnan(value) else float(value)  # noqa: E731  (None: unscorable / not applicable)
     append_jsonl(os.path.join(run_dir, "metrics.jsonl"), [metrics])
     append_jsonl(os.path.join(run_dir, "samples.jsonl"),
-                 [{"step": metrics["step"], "prompt": prompts[i], "completion": texts[i], "reward": float(rewards[i]),
+                 [{"step": metrics["step"], "prompt": prompts[i], "completion": texts[i], "reward": number(rewards[i]),
+                   "rewards": {name: number(values[i]) for name, values in result["scores"]["per_reward"].items()},
                    "advantage": float(advantages[i]), "truncated": bool(result["rollout"]["truncated"][i])}
                   for i in range(min(args.samples_per_step, len(prompts)))])
     if args.sample_every and metrics["step"] % args.sample_every == 0:
@@ -1495,9 +1631,10 @@ def plot_metrics(run_dir):
         fail(f"--plot: {path} does not exist")
     with open(path, encoding="utf-8") as f:
         records = [json.loads(line) for line in f if line.endswith("\n")]  # not a line a crash cut short
-    panels = [("reward/mean", "reward"), ("reward/correct", "accuracy (train)"), ("eval/accuracy_strict", "eval accuracy"),
-              ("completions/mean_length", "completion length"), ("loss/kl", "KL to reference"),
-              ("policy/entropy", "policy entropy")]
+    means = [key for key in dict.fromkeys(key for r in records for key in r) if REWARD_FUNCTION_MEAN.fullmatch(key)]
+    panels = [("reward/mean", "reward")] + [(key, f"{key[7:]} (train)") for key in means] + [
+              ("eval/accuracy_strict", "eval accuracy"), ("completions/mean_length", "completion length"),
+              ("loss/kl", "KL to reference"), ("policy/entropy", "policy entropy")]
     # Only panels with data: a run without evaluation gets no empty "eval accuracy" frame.
     panels = [(key, title) for key, title in panels if any(key in r for r in records)]
     if not panels:
@@ -1547,9 +1684,10 @@ def checkpoint_names(run_dir) -> list[str]:
         if os.path.isdir(checkpoints) else []
 
 
-def save_checkpoint(run_dir, step, model, optimizer, scheduler, args: Args, rng_states, log=print):
-    """rng_states: one rng_state() per rank (each rank samples with its own generator). A save that fails is one
-    line (writing); one that fails or is interrupted leaves no step_NNNNNN.tmp behind."""
+def save_checkpoint(run_dir, step, model, optimizer, scheduler, args: Args, rng_states, data_position, log=print):
+    """rng_states: one rng_state() per rank (each rank samples with its own generator); data_position: where the
+    next step's prompts start in the data order. A save that fails is one line (writing); one that fails or is
+    interrupted leaves no step_NNNNNN.tmp behind."""
     final = os.path.join(run_dir, "checkpoints", f"step_{step:06d}")
     if os.path.isdir(final):
         return final  # this step is already saved (e.g. a periodic save that is also the last step)
@@ -1560,7 +1698,7 @@ def save_checkpoint(run_dir, step, model, optimizer, scheduler, args: Args, rng_
             model.save_pretrained(temporary)  # adapter_model.safetensors + adapter_config.json (PeftModel.from_pretrained)
             state = io.BytesIO()  # then written as a plain file: torch.save's own write errors do not name their cause
             torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "rng": rng_states, "data_position": step * args.prompts_per_step}, state)
+                        "rng": rng_states, "data_position": data_position}, state)
             write_atomically(os.path.join(temporary, "trainer_state.pt"), state.getbuffer())
             write_atomically(os.path.join(temporary, "args.json"), json.dumps(dataclasses.asdict(args), indent=2))
             os.replace(temporary, final)  # atomic: the checkpoint appears whole or not at all
@@ -1593,7 +1731,7 @@ def resume_target(args: Args, given=None, log=print):
     given = [n for n in fields if getattr(args, n) != getattr(Args(), n)] if given is None else given
     # The run's own directory, unless --out-dir/--run-name are given: then it continues in a new one (a branch).
     out_dir, run_name = os.path.split(os.path.normpath(args.resume))
-    run = Args(**{n: saved[n] for n in fields if n in saved} | {"resume": args.resume, "out_dir": out_dir, "run_name": run_name})
+    run = Args(**{n: tuple(saved[n]) if isinstance(saved[n], list) else saved[n] for n in fields if n in saved} | {"resume": args.resume, "out_dir": out_dir, "run_name": run_name})
     merged = dataclasses.replace(run, **{n: getattr(args, n) for n in given})
     differences = [f"{flag(n)} {getattr(run, n)!r} (checkpoint) vs {getattr(merged, n)!r} (now)"
                    for n in RESUME_MUST_MATCH if getattr(merged, n) != getattr(run, n)]
@@ -1656,6 +1794,8 @@ def main(args: Args, given=None):
     rank, world_size, device = init_distributed(args)
     is_main = rank == 0
     seed_everything(args.seed)  # the same on every rank, so the LoRA initialisation is identical
+    pool = ThreadPoolExecutor(args.reward_workers)
+    reward_funcs = reward_functions(args, pool)  # a --reward that cannot be found: one line now, before anything loads
     # Ranks start a second apart: rank 0's timestamp names the run for all of them.
     run_dir = os.path.join(args.out_dir, all_gather(args.run_name or time.strftime("grpo-%Y%m%d-%H%M%S"))[0])
     train_items, eval_items = load_data(args)
@@ -1669,7 +1809,6 @@ def main(args: Args, given=None):
     eos_ids = end_of_sequence_ids(model, tokenizer)
     merged = args.generation_model == "merged" or (args.generation_model == "auto" and device.type == "cuda")
     sampler = build_generation_model(model) if merged else model
-    pool = ThreadPoolExecutor(args.reward_workers)
     if args.eval_only:
         result = evaluate(sampler, tokenizer, eval_items, args, eos_ids, pool, rank, world_size)
         log(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
@@ -1679,7 +1818,8 @@ def main(args: Args, given=None):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                                   weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, args))
-    start_step = load_checkpoint(resume_from, model, optimizer, scheduler, rank, world_size)["step"] if resume_from else 0
+    state = load_checkpoint(resume_from, model, optimizer, scheduler, rank, world_size) if resume_from else {}
+    start_step, position = state.get("step", 0), state.get("data_position", 0)
     logged = trim_records(run_dir, start_step, log) if resume_from and is_main else 0  # each step's records once
     stop, previous_handlers = catch_stop_signals(log)
     history, bad_steps = [], 0
@@ -1701,11 +1841,11 @@ def main(args: Args, given=None):
         for step in range(start_step, args.steps):
             # Out of memory with one sequence per micro-batch saves what the run has done (one process only: the
             # other ranks of a torchrun job wait in a collective and cannot join a save).
-            oom_save = (lambda: save_checkpoint(run_dir, step, model, optimizer, scheduler, args, [rng_state()], log)
-                        ) if world_size == 1 and step > 0 else None
-            result = grpo_step(step, train_items, model, sampler, tokenizer, optimizer, scheduler, args, eos_ids, pool,
-                               bad_steps, rank, world_size, log, oom_save)
-            bad_steps = result["bad_steps"]
+            oom_save = (lambda: save_checkpoint(run_dir, step, model, optimizer, scheduler, args, [rng_state()], position,
+                                                log)) if world_size == 1 and step > 0 else None
+            result = grpo_step(step, train_items, model, sampler, tokenizer, optimizer, scheduler, args, eos_ids,
+                               reward_funcs, bad_steps, rank, world_size, log, oom_save, position)
+            bad_steps, position = result["bad_steps"], result["position"]
             metrics = step_metrics(result, args, world_size)
             log(format_step_line(metrics, args.steps))
             if is_main:
@@ -1721,7 +1861,7 @@ def main(args: Args, given=None):
             if last or (args.save_every > 0 and (step + 1) % args.save_every == 0):
                 rng_states = all_gather(rng_state())  # a collective: every rank takes part, rank 0 writes
                 if is_main:
-                    save_checkpoint(run_dir, step + 1, model, optimizer, scheduler, args, rng_states, log)
+                    save_checkpoint(run_dir, step + 1, model, optimizer, scheduler, args, rng_states, position, log)
             if stop["requested"]:
                 break
     finally:

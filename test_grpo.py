@@ -4,15 +4,20 @@ named as sentences, and the real 4-bit + LoRA path end to end on a tiny random Q
     python -m pytest -q
 """
 
+import argparse
 import dataclasses
 import functools
+import importlib.util
 import itertools
 import json
 import math
 import os
 import subprocess
 import sys
+import textwrap
 import types
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -21,10 +26,14 @@ import torch
 import bench
 import grpo
 import tiny
+import verify
 
 ROOT = Path(__file__).resolve().parent
 GSM8K_SAMPLE = ROOT / "data" / "gsm8k_sample.jsonl"  # GSM8K's first 64 train problems (MIT, data/LICENSE-gsm8k)
 QWEN_14B_CONFIG = ROOT / "data" / "qwen2.5-14b-config.json"  # the architecture only, no weights
+_spec = importlib.util.spec_from_file_location("countdown", ROOT / "examples" / "countdown.py")
+countdown = importlib.util.module_from_spec(_spec)  # the worked example of a task of one's own
+_spec.loader.exec_module(countdown)
 
 
 # -----------------------------------------------------------------------------
@@ -781,14 +790,18 @@ def test_two_training_steps_change_lora_and_leave_the_4bit_base_bit_identical(mo
     assert len([m for m in result["metrics"] if "reward/mean" in m]) == 2
 
 
-def run_main_with_random_rewards(args, given=None):
+def run_main_with_random_rewards(args, given=None, flat_groups=False):
     """main() with uniform random rewards (non-zero advantages without a trained model). They are drawn
-    from torch's global generator, which grpo.py seeds and saves in checkpoints, so runs are repeatable."""
+    from torch's global generator, which grpo.py seeds and saves in checkpoints, so runs are repeatable.
+    flat_groups: each group scores all alike with probability 1/2 (zero std, for --dynamic-sampling)."""
     original = grpo.score
 
-    def random_score(completions, items, a, pool):
-        scores = original(completions, items, a, pool)
+    def random_score(completions, items, reward_funcs, **context):
+        scores = original(completions, items, reward_funcs, **context)
         scores["rewards"] = torch.rand(len(completions))
+        if flat_groups:
+            groups = scores["rewards"].view(-1, args.group_size)
+            groups[torch.rand(len(groups)) < 0.5] = 0.5
         return scores
     grpo.score = random_score
     try:
@@ -1022,11 +1035,11 @@ def test_temperature_anneals_linearly_and_lr_warms_up_then_follows_cosine():
     assert [grpo.lr_factor(s, constant) for s in range(5)] == [0.5, 1.0, 1.0, 1.0, 1.0]
 
 
-def test_batch_indices_cover_each_epoch_once_and_depend_only_on_the_step():
-    seen = [i for step in range(5) for i in grpo.batch_indices(step, 2, 10, seed=7)]
+def test_data_indices_cover_each_epoch_once_and_depend_only_on_the_position():
+    seen = [i for step in range(5) for i in grpo.data_indices(2 * step, 2, 10, seed=7)]
     assert sorted(seen) == list(range(10))  # one epoch = 5 steps of 2, every item once
-    assert grpo.batch_indices(3, 2, 10, seed=7) == seen[6:8]
-    assert grpo.batch_indices(5, 2, 10, seed=7) != grpo.batch_indices(0, 2, 10, seed=7)  # a new order next epoch
+    assert grpo.data_indices(6, 2, 10, seed=7) == seen[6:8] and grpo.data_indices(5, 3, 10, seed=7) == seen[5:8]
+    assert grpo.data_indices(10, 2, 10, seed=7) != grpo.data_indices(0, 2, 10, seed=7)  # a new order next epoch
 
 
 @pytest.fixture
@@ -1409,6 +1422,10 @@ def test_variants_drop_zero_std_groups_and_mask_or_penalise_truncation(tiny_mode
     # Dynamic sampling: real (all-zero) rewards from the untrained model -> every group has zero std.
     dropped = grpo.main(tiny_args(tiny_model_dir, run_name="drop", drop_zero_std_groups=True, **common))
     assert dropped["metrics"][0]["groups/dropped"] == 2 and dropped["metrics"][0]["loss/trained_tokens"] == 0
+    # --dynamic-sampling there: every round finds nothing, so 1 + 2 rounds of the missing 2 prompts, and nothing trains.
+    refilled = grpo.main(tiny_args(tiny_model_dir, run_name="refill", dynamic_sampling=True, max_refill_rounds=2, **common))
+    record = refilled["metrics"][0]
+    assert (record["groups/rounds"], record["groups/sampled"], record["groups/kept"], record["loss/trained_tokens"]) == (3, 6, 0, 0)
     # GSPO with μ = 2 and high-entropy tokens: the second update's sequence ratios moved off 1 (old pass used).
     gspo = run_main_with_random_rewards(tiny_args(tiny_model_dir, run_name="gspo", ratio_level="sequence",
                                                   num_iterations=2, top_entropy_quantile=0.3, **common))
@@ -1439,10 +1456,11 @@ def test_eval_only_reports_strict_lenient_and_format_and_plot_draws_a_png(saved_
 
 def test_plot_draws_only_the_panels_that_have_data(tmp_path):
     pytest.importorskip("matplotlib")
-    step = {"reward/mean": 0.5, "reward/correct": 0.25, "completions/mean_length": 9.0, "loss/kl": 0.01}
+    step = {"reward/mean": 0.5, "reward/std": 0.1, "reward/correct": 0.25, "reward/correct/std": 0.4,
+            "reward/countdown": 0.125, "completions/mean_length": 9.0, "loss/kl": 0.01}
     write_jsonl(tmp_path / "metrics.jsonl", [{"step": 1, **step}, {"step": 2, **step}])
-    assert grpo.main(grpo.Args(plot=str(tmp_path))) == ["reward/mean", "reward/correct", "completions/mean_length",
-                                                        "loss/kl"]  # no eval: no empty eval panel
+    assert grpo.main(grpo.Args(plot=str(tmp_path))) == ["reward/mean", "reward/correct", "reward/countdown",
+                                                        "completions/mean_length", "loss/kl"]  # a panel per reward; no eval
     append = [{"step": 2, "eval/accuracy_strict": 0.5}]
     grpo.append_jsonl(tmp_path / "metrics.jsonl", append)
     assert "eval/accuracy_strict" in grpo.main(grpo.Args(plot=str(tmp_path)))
@@ -1676,6 +1694,349 @@ def test_a_resumed_run_gives_its_dashboard_each_step_once(backend, tiny_model_di
 
 
 # -----------------------------------------------------------------------------
+# Rewards as plug-ins (TRL's reward-function form), and dynamic sampling that refills the batch.
+
+RUNNING_MAX = ("```python\ndef running_max(xs):\n    out = []\n    for x in xs:\n        out.append(x if not out else "
+               "max(out[-1], x))\n    return out\n```")
+
+
+def test_default_rewards_are_todays_correctness_and_format_bit_for_bit():
+    """No --reward: correct and format at --correct-weight / --format-weight, equal bit for bit to the formula
+    score used before the plug-ins (verify.py per item, reward = cw·correct + fw·formatted in float32)."""
+    code = [json.loads(line) for line in open(ROOT / "data" / "code.jsonl")][:1]
+    items = [{"prompt": "q1", "answer": "#### 72"}] * 3 + [{"prompt": "q2", "answer": "0.5"}] * 2 + code * 2
+    completions = ["so \\boxed{72}", "72", "\\boxed{71} \\boxed{72}", "\\boxed{1/2}", "half", RUNNING_MAX, "no code"]
+    for strict in (True, False):
+        args = grpo.Args(correct_weight=0.7, format_weight=0.3, strict=strict)
+        with ThreadPoolExecutor(2) as pool:
+            scores = grpo.score(completions, items, grpo.reward_functions(args, pool))
+        correct = torch.tensor([verify.code_reward(text, item["tests"]) if "tests" in item else
+                                verify.math_reward(text, item["answer"], strict=strict) for text, item in zip(completions, items)])
+        formatted = torch.tensor([verify.format_reward(text, "code" if "tests" in item else "math")
+                                  for text, item in zip(completions, items)])
+        assert 0 < correct.sum() < len(items) and 0 < formatted.sum() < len(items)  # right and wrong ones
+        assert torch.equal(scores["rewards"], args.correct_weight * correct + args.format_weight * formatted)
+        assert torch.equal(scores["per_reward"]["correct"], correct) and torch.equal(scores["per_reward"]["format"], formatted)
+    names = [(name, weight) for name, _, weight in grpo.reward_functions(grpo.Args(), None)]
+    assert names == [("correct", 1.0), ("format", 0.1)]
+    assert grpo.parse_args(["--reward", "a.py:f=0.5", "--reward", "correct"]).reward == ("a.py:f=0.5", "correct")
+
+
+def test_evaluation_counts_strict_lenient_and_format_as_verify_py_does_per_item(monkeypatch):
+    code = [json.loads(line) for line in open(ROOT / "data" / "code.jsonl")][:1]
+    items = [{"prompt": "q1", "answer": "72"}] * 3 + [{"prompt": "q2", "answer": "5"}] + code * 2
+    texts = ["so \\boxed{72}", "it is 72", "\\boxed{7}", "5 or \\boxed{5}", RUNNING_MAX, "```python\nx = 1\n```"]
+    monkeypatch.setattr(grpo, "generate", lambda *a, **k: {"texts": texts})
+    with ThreadPoolExecutor(2) as pool:
+        result = grpo.evaluate(None, None, items, grpo.Args(chat_template=False), [0], pool)
+    def verdict(text, item, strict):
+        return verify.code_reward(text, item["tests"]) if "tests" in item else verify.math_reward(text, item["answer"], strict)
+    assert result["eval/accuracy_strict"] == sum(verdict(t, i, True) for t, i in zip(texts, items)) / 6 == 3 / 6
+    assert result["eval/accuracy_lenient"] == sum(verdict(t, i, False) for t, i in zip(texts, items)) / 6 == 4 / 6
+    assert result["eval/format_rate"] == sum(verify.format_reward(t, "code" if "tests" in i else "math")
+                                             for t, i in zip(texts, items)) / 6
+    assert result["eval/n"] == 6
+
+
+def slow_trl_advantages(rewards, group_size, eps=1e-4):
+    """TRL's advantages with unscorable (NaN) rewards, as loops in float64: each group's mean and Bessel std over its
+    scored completions; NaN (unscorable, or a single scored one whose std is NaN) becomes 0."""
+    out = []
+    for start in range(0, len(rewards), group_size):
+        group = [float(r) for r in rewards[start:start + group_size]]
+        scored = [r for r in group if not math.isnan(r)]
+        mean = sum(scored) / len(scored) if scored else math.nan
+        std = math.sqrt(sum((r - mean) ** 2 for r in scored) / (len(scored) - 1)) if len(scored) > 1 else math.nan
+        out += [0.0 if math.isnan(r) or math.isnan(std) or std == 0 else (r - mean) / (std + eps) for r in group]
+    return out
+
+
+def test_unscorable_completions_get_zero_advantage_and_leave_their_groups_statistics_as_in_trl():
+    nan = math.nan
+    rewards = torch.tensor([1.0, nan, 0.0, 0.5, nan, nan, nan, nan, 2.0, nan, nan, nan, 0.3, 0.3, nan, 0.3,
+                            1.0, 0.0, 0.0, 1.0])
+    advantages = grpo.group_advantages(rewards, 4)
+    assert advantages.tolist() == pytest.approx(slow_trl_advantages(rewards, 4), rel=1e-6, abs=1e-7)
+    assert advantages[1] == 0 and advantages[4:8].tolist() == [0.0] * 4 and advantages[12:16].tolist() == [0.0] * 4
+    assert torch.equal(advantages[16:], grpo.group_advantages(rewards[16:], 4))  # a group without NaN: as ever
+    unscaled = grpo.group_advantages(rewards, 4, scale=False)[:4].tolist()
+    assert unscaled == pytest.approx([0.5, 0.0, -0.5, 0.0])
+
+
+def write_plugin(path, body) -> str:
+    path.write_text("import json, math\n" + textwrap.dedent(body))
+    return str(path)
+
+
+def test_plugin_rewards_get_trls_arguments_and_are_weighed_and_logged_per_function(tiny_model_dir, tmp_path):
+    """Three rewards through the real main(): two plug-ins from a file (TRL's form, one weighted) and the built-in
+    correct; None = not applicable; a completion no function scores is unscorable (no reward, advantage 0)."""
+    from transformers import AutoTokenizer
+    calls = tmp_path / "calls.jsonl"
+    plugin = write_plugin(tmp_path / "plug.py", f'''
+        def digits(prompts, completions, completion_ids, trainer_state, level, answer, **kwargs):
+            with open({str(calls)!r}, "a") as f:
+                f.write(json.dumps({{"prompts": prompts, "completions": completions, "ids": completion_ids,
+                                    "step": trainer_state.global_step, "steps": trainer_state.max_steps,
+                                    "level": level, "answer": answer, "kwargs": sorted(kwargs)}}) + "\\n")
+            return [None if lv == "skip" else float(sum(ids) % 7) for lv, ids in zip(level, completion_ids)]
+
+        def picky(prompts, completions, level, **kwargs):
+            return [None if lv in ("skip", "easy") else 0.5 for lv in level]
+        ''')
+    data = write_jsonl(tmp_path / "mixed.jsonl", [{"prompt": "What is 1 + 2?", "answer": "3", "level": "easy"},
+                                                  {"question": "Say hi.", "level": "hard"}, {"prompt": "Skip me.", "level": "skip"}])
+    args = tiny_args(tiny_model_dir, data=data, out_dir=str(tmp_path), run_name="plug", prompts_per_step=3, group_size=4,
+                     samples_per_step=12, reward=(f"{plugin}:digits=0.5", f"{plugin}:picky", "correct"))
+    grpo.main(args)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    calls = [json.loads(line) for line in open(calls)]
+    assert [c["step"] for c in calls] == [0, 1] and {c["steps"] for c in calls} == {2}
+    for call in calls:  # the items' own fields, as lists; completion_ids: each completion's tokens up to its EOS
+        by_prompt = {"What is 1 + 2?": ("easy", "3"), "Say hi.": ("hard", None), "Skip me.": ("skip", None)}
+        assert [by_prompt[p] for p in call["prompts"]] == list(zip(call["level"], call["answer"]))
+        assert [call["prompts"].count(p) for p in by_prompt] == [4, 4, 4] and call["kwargs"] == []
+        assert [tokenizer.decode(ids, skip_special_tokens=True) for ids in call["ids"]] == call["completions"]
+    records = [json.loads(line) for line in open(tmp_path / "plug" / "samples.jsonl")]
+    assert len(records) == 24 and all(set(r["rewards"]) == {"digits", "picky", "correct"} for r in records)
+    for record in records:
+        values = record["rewards"]
+        if "Skip me." in record["prompt"]:
+            assert values == {"digits": None, "picky": None, "correct": None} and record["reward"] is None
+            assert record["advantage"] == 0.0
+        else:
+            terms = [0.5 * values["digits"], values["picky"] or 0.0, values["correct"] or 0.0]
+            assert record["reward"] == pytest.approx(sum(terms), abs=1e-6)
+            assert (values["picky"] is None) == ("1 + 2" in record["prompt"])
+            assert (values["correct"] is None) == ("Say hi." in record["prompt"])
+    metrics = [json.loads(line) for line in open(tmp_path / "plug" / "metrics.jsonl")]
+    step = [r for r in records if r["step"] == 2]
+    digits = [r["rewards"]["digits"] for r in step if r["rewards"]["digits"] is not None]
+    assert metrics[1]["reward/digits"] == pytest.approx(sum(digits) / len(digits))  # over the applicable ones only
+    assert metrics[1]["reward/digits/std"] == pytest.approx(float(torch.tensor(digits).std(correction=0)), abs=1e-6)
+    assert metrics[1]["reward/picky"] == 0.5 and metrics[1]["reward/picky/std"] == 0.0
+    assert metrics[1]["completions/unscorable_frac"] == pytest.approx(1 / 3)
+
+
+def test_trls_own_reward_functions_run_unchanged_and_score_what_they_score_under_trl(tmp_path):
+    """TRL's repetition and soft-overlong rewards (callable objects of trl.rewards, made for GRPOTrainer), imported
+    from a file as a user would: called with our keywords they give exactly what they give called directly."""
+    pytest.importorskip("trl")
+    plugin = write_plugin(tmp_path / "from_trl.py", """
+        from trl.rewards import get_repetition_penalty_reward, get_soft_overlong_punishment
+        repetition = get_repetition_penalty_reward(ngram_size=2, max_penalty=-1.0)
+        overlong = get_soft_overlong_punishment(max_completion_len=8, soft_punish_cache=4)
+        """)
+    ids = [[1, 2, 3, 4], [5, 5, 5, 5, 5], list(range(7)), [9] * 10]
+    with ThreadPoolExecutor(1) as pool:
+        rewards = grpo.reward_functions(grpo.Args(reward=(plugin + ":repetition", plugin + ":overlong=0.5")), pool)
+    scores = grpo.score(["a", "b", "c", "d"], [{"prompt": "p", "solution": "s"}] * 4, rewards, completion_ids=ids,
+                        trainer_state=argparse.Namespace(global_step=0, max_steps=1))
+    from trl.rewards import get_repetition_penalty_reward, get_soft_overlong_punishment
+    repetition = get_repetition_penalty_reward(ngram_size=2, max_penalty=-1.0)(completion_ids=ids)
+    overlong = get_soft_overlong_punishment(max_completion_len=8, soft_punish_cache=4)(completion_ids=ids)
+    assert scores["per_reward"]["repetition"].tolist() == pytest.approx(repetition) and min(repetition) < 0
+    assert scores["per_reward"]["overlong"].tolist() == pytest.approx(overlong) and min(overlong) < 0
+    assert scores["rewards"].tolist() == pytest.approx([r + 0.5 * o for r, o in zip(repetition, overlong)])
+
+
+def test_a_reward_that_cannot_be_found_or_read_is_one_line_before_anything_loads(tmp_path, monkeypatch):
+    monkeypatch.setattr(grpo, "load_data", lambda args: pytest.fail("got past the reward checks"))
+    plugin = write_plugin(tmp_path / "plug.py", "def f(prompts, completions, **kwargs):\n    return [1.0] * len(completions)\n")
+    broken = write_plugin(tmp_path / "broken.py", "x = 1 / 0\n")
+    other = tmp_path / "other"
+    other.mkdir()
+    write_plugin(other / "plug.py", "def f(prompts, completions, **kwargs):\n    return [0.0] * len(completions)\n")
+    cases = [((str(tmp_path / "nope.py") + ":f",), "cannot import " + str(tmp_path / "nope.py") + " (FileNotFoundError"),
+             ((plugin + ":g",), f"{plugin} has no function g"), (("no_such_module_here:f",), "(ModuleNotFoundError"),
+             ((broken + ":f",), "(ZeroDivisionError: division by zero)"), (("correctness",), "not a built-in reward"),
+             ((plugin + ":f=heavy",), "the weight after = must be a finite number"), ((plugin + ":f=nan",), "finite number"),
+             ((plugin + ":f", str(other / "plug.py") + ":f"), "must differ from each other"), (("statistics:mean",), "must differ")]
+    for reward, expected in cases:
+        with pytest.raises(SystemExit) as raised:
+            grpo.main(grpo.Args(reward=reward, out_dir=str(tmp_path)))
+        message = str(raised.value.code)
+        assert message.startswith("grpo.py: error: --reward") and "\n" not in message and expected in message, message
+    assert grpo.reward_functions(grpo.Args(reward=("json:dumps=2",)), None)[0][1:] == (json.dumps, 2.0)  # module:function
+
+
+@pytest.mark.parametrize("returned,expected", [
+    ("raise ValueError('no judge\\nreachable')", "reward bad raised ValueError: no judge reachable"),
+    ("return [1.0] * (len(completions) - 1)", "reward bad returned list"), ("return 1.0", "reward bad returned float"),
+    ("return [1.0, math.nan, 1.0, 1.0]", "reward bad: item 1 of 4 ('b'): nan is not a finite number or None"),
+    ("return [1.0, 1.0, 'yes', 1.0]", "item 2 of 4 ('c'): 'yes' is not"), ("return [math.inf] * 4", "item 0 of 4"),
+])
+def test_a_reward_that_raises_or_returns_a_wrong_value_names_itself_the_item_and_the_problem(tmp_path, returned, expected):
+    bad = write_plugin(tmp_path / "bad.py", f"def bad(prompts, completions, **kwargs):\n    {returned}\n")
+    with ThreadPoolExecutor(1) as pool, pytest.raises(SystemExit) as raised:
+        grpo.score(["x"] * 4, [{"prompt": p} for p in "abcd"], grpo.reward_functions(grpo.Args(reward=("correct", bad + ":bad")), pool))
+    message = str(raised.value.code)
+    assert message.startswith("grpo.py: error: ") and "\n" not in message and expected in message, message
+
+
+def test_a_reward_failing_mid_run_stops_before_the_update_with_the_last_checkpoint_intact(tiny_model_dir, gsm8k_few,
+                                                                                          tmp_path):
+    flaky = write_plugin(tmp_path / "flaky.py", '''
+        def flaky(prompts, completions, trainer_state, **kwargs):
+            return [1.0 if trainer_state.global_step < 2 else math.nan] * len(completions)
+        ''')
+    args = tiny_args(tiny_model_dir, data=gsm8k_few, out_dir=str(tmp_path), run_name="flaky", steps=4, save_every=1,
+                     reward=("correct", flaky + ":flaky"))
+    assert "reward flaky: item 0 of 8" in error_of(args)
+    assert grpo.latest_checkpoint(str(tmp_path / "flaky")).endswith("step_000002")  # complete, and the newest
+    assert [json.loads(line)["step"] for line in open(tmp_path / "flaky" / "metrics.jsonl")] == [1, 2]
+
+
+def test_countdown_example_scores_its_solutions_and_refuses_everything_else():
+    items = [json.loads(line) for line in open(ROOT / "data" / "countdown.jsonl")]
+    assert len(items) >= 16 and items == countdown.make_items(len(items))  # the file is the generator's, seed 0
+    solved = countdown.countdown_reward([i["prompt"] for i in items], [f"so \\boxed{{{i['solution']}}}" for i in items],
+                                        [i["numbers"] for i in items], [i["target"] for i in items])
+    assert solved == [1.0] * len(items)
+    numbers, target = [[3, 5, 7]], [22]
+    for text, expected in [("\\boxed{3 * 5 + 7}", 1.0), ("\\boxed{(7 - 3) \\times 5 + 2 = 22}", 0.0),
+                           ("\\boxed{7 \\times 5 - 3 - 10}", 0.0), ("\\boxed{15 + 7}", 0.0), ("\\boxed{3 * 5 + 7 + 0}", 0.0),
+                           ("\\boxed{3 * 5 + 7 = 22}", 1.0), ("\\boxed{5 × 3 + 7}", 1.0), ("3 * 5 + 7", 0.0),
+                           ("\\boxed{3 ** 5 + 7}", 0.0), ("\\boxed{7 / (5 - 5) + 3}", 0.0), ("\\boxed{" + "(" * 500 + "}", 0.0),
+                           ("\\boxed{__import__('os')}", 0.0), ("\\boxed{3 * 5 + 7.0}", 0.0)]:
+        assert countdown.countdown_reward(["p"], [text], numbers, target) == [expected], text
+    assert countdown.countdown_reward(["p", "q"], ["\\boxed{1}", "x"], [None, [1]], [None, 1]) == [None, 0.0]
+    assert countdown.expression_value("7 / 2 * 2", [2, 2, 7]) == 7  # exact fractions: no float rounding
+
+
+def test_countdown_trains_end_to_end_through_main_with_its_reward_and_the_builtin_format(tiny_model_dir, tmp_path):
+    args = tiny_args(tiny_model_dir, data=str(ROOT / "data" / "countdown.jsonl"), out_dir=str(tmp_path), run_name="cd",
+                     samples_per_step=8, reward=(str(ROOT / "examples" / "countdown.py") + ":countdown_reward", "format=0.1"))
+    grpo.main(args)
+    items = {item["prompt"]: item for item in (json.loads(line) for line in open(ROOT / "data" / "countdown.jsonl"))}
+    records = [json.loads(line) for line in open(tmp_path / "cd" / "samples.jsonl")]
+    assert len(records) == 16
+    for record in records:  # each logged value is the example's function on that completion, and the sum is weighed
+        item = next(item for prompt, item in items.items() if prompt in record["prompt"])
+        assert "\\boxed{answer}" not in record["prompt"]  # no math instruction: the item's prompt as written
+        assert record["rewards"]["countdown_reward"] == countdown.countdown_reward(
+            [item["prompt"]], [record["completion"]], [item["numbers"]], [item["target"]])[0]
+        assert record["rewards"]["format"] == verify.format_reward(record["completion"], "math")
+        assert record["reward"] == pytest.approx(record["rewards"]["countdown_reward"] + 0.1 * record["rewards"]["format"])
+    metrics = [json.loads(line) for line in open(tmp_path / "cd" / "metrics.jsonl")]
+    assert all({"reward/countdown_reward", "reward/countdown_reward/std", "reward/format"} <= m.keys() for m in metrics)
+
+
+def test_concatenate_rollouts_pads_any_key_on_its_side_and_select_rows_trims_to_the_rows(tiny_model_dir):
+    """Rounds of different prompt widths P and completion widths T, with a key the step does not know of (a
+    per-token [N, T] float) and one it does not pad ([N]), against a row-by-row construction."""
+    generator, pad = torch.Generator().manual_seed(0), 7
+
+    def part(n, P, T):
+        lengths = torch.randint(1, P + 1, (n,), generator=generator)
+        prompt_mask = (torch.arange(P)[None] >= P - lengths[:, None]).long()  # left padded
+        completion_mask = (torch.arange(T)[None] < torch.randint(1, T + 1, (n,), generator=generator)[:, None]).float()
+        return {"prompt_ids": torch.randint(10, 99, (n, P), generator=generator) * prompt_mask + pad * (1 - prompt_mask),
+                "prompt_mask": prompt_mask, "completion_ids": torch.randint(10, 99, (n, T), generator=generator),
+                "completion_mask": completion_mask, "sampler_logp": -torch.rand(n, T, generator=generator) * completion_mask,
+                "truncated": torch.rand(n, generator=generator) > 0.5, "texts": [f"t{i}" for i in range(n)],
+                "scores": {"rewards": torch.rand(n, generator=generator), "per_reward": {"a": torch.rand(n, generator=generator)}},
+                "generation_chunk": n}
+    parts = [part(4, 5, 3), part(2, 9, 6), part(3, 2, 1)]
+    merged = grpo.concatenate_rollouts(parts, pad)
+    rows = [(p, i) for p in parts for i in range(len(p["texts"]))]
+    P, T = 9, 6
+    for key, side, fill in [("prompt_ids", "left", pad), ("prompt_mask", "left", 0), ("completion_ids", "right", pad),
+                            ("completion_mask", "right", 0), ("sampler_logp", "right", 0)]:
+        width = P if side == "left" else T
+        expected = torch.stack([torch.cat([torch.full((width - p[key].shape[1],), fill, dtype=p[key].dtype), p[key][i]])
+                                if side == "left" else torch.cat([p[key][i], torch.full((width - p[key].shape[1],), fill,
+                                                                                        dtype=p[key].dtype)]) for p, i in rows])
+        assert torch.equal(merged[key], expected), key
+    assert torch.equal(merged["truncated"], torch.cat([p["truncated"] for p in parts]))
+    assert merged["texts"] == [t for p in parts for t in p["texts"]] and merged["generation_chunk"] == 3
+    assert torch.equal(merged["scores"]["per_reward"]["a"], torch.cat([p["scores"]["per_reward"]["a"] for p in parts]))
+    keep = torch.tensor([False, True, False, False, False, False, True, False, True])  # rows of parts 0 and 2 only
+    batch = {key: merged[key] for key in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "sampler_logp",
+                                          "truncated")}
+    selected = grpo.select_rows(batch, keep)
+    P_kept = max(int(merged["prompt_mask"][i].sum()) for i in keep.nonzero().flatten())
+    T_kept = max(int(merged["completion_mask"][i].sum()) for i in keep.nonzero().flatten())
+    assert selected["prompt_ids"].shape == (3, P_kept) and selected["sampler_logp"].shape == (3, T_kept)
+    assert torch.equal(selected["prompt_ids"], merged["prompt_ids"][keep][:, P - P_kept:])
+    assert torch.equal(selected["completion_mask"], merged["completion_mask"][keep][:, :T_kept])
+
+
+def fake_generate(model, tokenizer, prompts, args, eos_ids, temperature, greedy=False, log=print, progress=""):
+    """Completions that are a function of the prompt and its place in the group, each ending in EOS, the call's width
+    its longest completion (as generate's): one group gets the same tokens sampled alone, in one call or in rounds."""
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    rows = []
+    for i, prompt in enumerate(prompts):
+        generator = torch.Generator().manual_seed(zlib.crc32(prompt.encode()) + i % args.group_size)
+        length = int(torch.randint(1, args.max_new_tokens + 1, (1,), generator=generator))
+        rows.append(torch.cat([torch.randint(0, 5000, (length - 1,), generator=generator), torch.tensor(eos_ids[:1])]))
+    T = max(len(row) for row in rows)
+    completion_ids = torch.stack([torch.nn.functional.pad(row, (0, T - len(row)), value=tokenizer.pad_token_id) for row in rows])
+    mask, truncated = grpo.completion_mask_from_ids(completion_ids, eos_ids)
+    texts = tokenizer.batch_decode([ids[m.bool()] for ids, m in zip(completion_ids, mask)], skip_special_tokens=True)
+    return dict(prompt_ids=encoded["input_ids"], prompt_mask=encoded["attention_mask"], completion_ids=completion_ids,
+                completion_mask=mask, truncated=truncated, texts=texts, generation_chunk=len(prompts))
+
+
+def test_dynamic_sampling_refills_from_the_data_order_and_trains_exactly_like_a_batch_of_the_kept_groups(
+        tiny_model_dir, model_and_tokenizer, monkeypatch):
+    """Items flat, good, flat, good (in this order) and B = 2: round 1 keeps one group, round 2 finds none, round 3
+    the second. The batch trained (rounds of different prompt and completion widths, concatenated, the kept rows
+    cut out) equals, tensor for tensor, a plain step's batch of the two good groups, and so do gradient and update."""
+    model, tokenizer = model_and_tokenizer
+    randomize_lora(model)
+    monkeypatch.setattr(grpo, "generate", fake_generate)
+    monkeypatch.setattr(grpo, "data_indices", lambda position, count, n, seed: [p % n for p in range(position, position + count)])
+    trained, update = [], grpo.update_adapters
+    monkeypatch.setattr(grpo, "update_adapters", lambda model, batch, *a, **k: trained.append(batch) or update(model, batch, *a, **k))
+    flat, flat2 = {"prompt": "Flat: " + "a long prompt whose completions all score alike, " * 3}, {"prompt": "Flat."}
+    good, good2 = {"prompt": "What is 2 + 3?"}, {"prompt": "Name a colour, please, in a few words of your own."}
+    spread = lambda prompts, completions, completion_ids, **k: [  # noqa: E731
+        0.0 if p.startswith("Flat") else float(sum(ids) % 5) for p, ids in zip(prompts, completion_ids)]
+    args = tiny_args(tiny_model_dir, max_new_tokens=6, max_grad_norm=0, dynamic_sampling=True, max_refill_rounds=3)
+    eos_ids, initial = grpo.end_of_sequence_ids(model, tokenizer), adapter_tensors(model)
+
+    def step(items, step_args):
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name in initial:
+                    p.copy_(initial[name])
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=step_args.lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+        result = grpo.grpo_step(0, items, model, model, tokenizer, optimizer, scheduler, step_args, eos_ids,
+                                [("spread", spread, 1.0)], position=0)
+        return result, lora_grads(model), adapter_tensors(model)
+    refilled, grads, weights = step([flat, good, flat2, good2], args)
+    assert (refilled["position"], refilled["rounds"], refilled["groups_kept"]) == (4, 3, 2)
+    assert refilled["zero_std"].tolist() == [True, False, True, False] and len(refilled["prompts"]) == 16
+    plain, plain_grads, plain_weights = step([good, good2], dataclasses.replace(args, dynamic_sampling=False))
+    assert (plain["position"], plain["rounds"]) == (2, 1)
+    assert trained[0]["prompt_ids"].shape[1] < refilled["rollout"]["prompt_ids"].shape[1]  # the flat prompt's width went
+    assert trained[0].keys() == trained[1].keys() and {"ref_logp", "advantages"} <= trained[0].keys()
+    for key in trained[0]:
+        assert torch.equal(trained[0][key], trained[1][key]), key
+    assert grads.keys() == plain_grads.keys() and all(torch.equal(grads[n], plain_grads[n]) for n in grads)
+    assert all(torch.equal(weights[n], plain_weights[n]) for n in weights)
+    assert any(not torch.equal(weights[n], initial[n]) for n in weights)  # it did train
+
+
+def test_resume_continues_exactly_with_dynamic_sampling(tiny_model_dir, gsm8k_few, tmp_path):
+    """The data position is saved: with refills, step s no longer starts at s·B, and resume still matches a straight run."""
+    common = dict(data=gsm8k_few, out_dir=str(tmp_path), lr_schedule="constant", beta=0.04, save_every=1,
+                  dynamic_sampling=True, max_refill_rounds=2)
+    straight = run_main_with_random_rewards(tiny_args(tiny_model_dir, run_name="straight", steps=3, **common), flat_groups=True)
+    run_main_with_random_rewards(tiny_args(tiny_model_dir, run_name="split", steps=1, **common), flat_groups=True)
+    resumed = run_main_with_random_rewards(tiny_args(tiny_model_dir, steps=3, resume=str(tmp_path / "split"), **common),
+                                           flat_groups=True)
+    a, b = adapter_tensors(straight["model"]), adapter_tensors(resumed["model"])
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert [m["groups/sampled"] for m in straight["metrics"]][1:] == [m["groups/sampled"] for m in resumed["metrics"]]
+    state = torch.load(tmp_path / "straight" / "checkpoints" / "step_000003" / "trainer_state.pt", weights_only=False)
+    assert state["data_position"] == sum(m["groups/sampled"] for m in straight["metrics"]) > 3 * 2  # refills happened
+
+
+# -----------------------------------------------------------------------------
 # torchrun: data parallel on CPU with gloo.
 
 DISTRIBUTED_SCRIPT = r'''
@@ -1699,12 +2060,15 @@ def fixed_generate(model, tokenizer, prompts, args, eos_ids, temperature, greedy
     return dict(prompt_ids=encoded["input_ids"], prompt_mask=encoded["attention_mask"], completion_ids=completion_ids,
                 completion_mask=mask, truncated=truncated, texts=["x"] * len(prompts))
 
-def fixed_score(completions, items, args, pool):
-    rewards = torch.tensor([float(zlib.crc32((item["prompt"] + str(i % args.group_size)).encode()) % 7)
+def fixed_score(completions, items, reward_funcs, **context):
+    """A function of the item and the completion's place in its group (args: the script's); one item in three
+    scores all its group alike (for --dynamic-sampling)."""
+    rewards = torch.tensor([0.0 if zlib.crc32(item["prompt"].encode()) % 3 == 0 else
+                            float(zlib.crc32((item["prompt"] + str(i % args.group_size)).encode()) % 7)
                             for i, item in enumerate(items)])
     if os.environ.get("FAIL_ON_RANK") == os.environ.get("RANK", "0"):
         raise RuntimeError("reward server exploded on rank " + os.environ["RANK"])
-    return dict(rewards=rewards, correct=rewards > 3, formatted=rewards > 1)
+    return dict(rewards=rewards, per_reward={{"correct": (rewards > 3).float(), "format": (rewards > 1).float()}})
 
 grpo.generate, grpo.score = fixed_generate, fixed_score
 args = grpo.Args(**json.loads(sys.argv[1]))
@@ -1733,7 +2097,8 @@ def run_distributed(tmp_path, args, ranks, env_extra=None, timeout=300):
 
 # --top-entropy-quantile: the threshold is over both ranks' tokens (a per-rank one fails this test). The random
 # model's entropies are all near log V, closer than the two layouts' rounding: a low temperature spreads them.
-@pytest.mark.parametrize("variant", [{}, {"top_entropy_quantile": 0.4, "temperature": 0.05}])
+@pytest.mark.parametrize("variant", [{}, {"top_entropy_quantile": 0.4, "temperature": 0.05},
+                                     {"dynamic_sampling": True, "max_refill_rounds": 3}], ids=["plain", "entropy", "refill"])
 def test_two_ranks_give_the_same_adapter_as_one_process_on_the_same_global_batch(tiny_model_dir, gsm8k_few, tmp_path,
                                                                                  variant):
     args = tiny_args(tiny_model_dir, data=gsm8k_few, out_dir=str(tmp_path), prompts_per_step=4, group_size=3,
@@ -1761,6 +2126,10 @@ def test_two_ranks_give_the_same_adapter_as_one_process_on_the_same_global_batch
     assert len(records) == 1 and records[0]["reward/mean"] == pytest.approx(reference[0]["reward/mean"])
     assert records[0]["loss/trained_tokens"] == reference[0]["loss/trained_tokens"]
     assert records[0]["loss/kl"] == pytest.approx(reference[0]["loss/kl"], abs=1e-7)
+    # The ranks agreed on the rounds (--dynamic-sampling: the informative groups are counted over both ranks).
+    keys = ("groups/rounds", "groups/sampled", "groups/kept")
+    assert [records[0][k] for k in keys] == [reference[0][k] for k in keys]
+    assert records[0]["groups/rounds"] > 1 if variant.get("dynamic_sampling") else records[0]["groups/rounds"] == 1
 
 
 def test_a_failing_rank_ends_the_whole_job_with_its_error(tiny_model_dir, gsm8k_few, tmp_path):

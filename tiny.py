@@ -218,12 +218,14 @@ def cpu_demo(argv):
 # `python tiny.py curves`: the README's variant table (3 seeds each) and docs/learning_curve.png.
 VARIANTS = {"default": [], "agg token": ["--agg", "token"], "agg dr_grpo": ["--agg", "dr_grpo"], "beta 0": ["--beta", "0"],
             "ratio-level sequence": ["--ratio-level", "sequence"], "top-entropy-quantile 0.2": ["--top-entropy-quantile", "0.2"],
+            "drop-zero-std-groups": ["--drop-zero-std-groups"], "dynamic-sampling": ["--dynamic-sampling"],
             "control: lr 0": ["--lr", "0"], "control: advantages negated": []}
 
 
 def curves(argv):
     """python tiny.py curves [--seeds 0 1 2] [--variants NAME ...] [--out docs/learning_curve.png] [--work-dir DIR]"""
     import argparse
+    import resource
     import statistics
     import tempfile
 
@@ -234,23 +236,28 @@ def curves(argv):
     parser.add_argument("--out", default="docs/learning_curve.png")
     parser.add_argument("--work-dir", default="")
     a = parser.parse_args(argv)
-    work_dir, runs = a.work_dir or tempfile.mkdtemp(prefix="tiny-curves-"), {}
+    work_dir, runs, cpu = a.work_dir or tempfile.mkdtemp(prefix="tiny-curves-"), {}, {}
     group_advantages = grpo.group_advantages
-    for name in a.variants:
-        for seed in a.seeds:
+    # Seed by seed, the variants one after another: on a machine whose load drifts, the runs compared sit close in time.
+    for seed in a.seeds:
+        for name in a.variants:
             if name == "control: advantages negated":  # a sign bug, on purpose (as the test injects it)
                 grpo.group_advantages = lambda *x, **k: -group_advantages(*x, **k)
             args = learn_args(work_dir, ["--seed", str(seed), "--run-name", f"{name}-{seed}".replace(" ", "_").replace(":", "")]
                               + VARIANTS[name], model_seed=seed)
+            before = resource.getrusage(resource.RUSAGE_SELF)
             try:
                 runs[name, seed] = [m for m in grpo.main(args)["metrics"] if "reward/mean" in m]
             finally:
                 grpo.group_advantages = group_advantages
+            after = resource.getrusage(resource.RUSAGE_SELF)  # CPU seconds of the run: far less load-bound than wall time
+            cpu[name, seed] = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
 
     def spread(values, digits):
         return " / ".join("never" if v is None else f"{v:.{digits}f}" for v in
                           (min(values), statistics.median(values), max(values))) if None not in values else "never"
-    print("| variant | steps to 0.9 (min / median / max) | seconds to 0.9 | last-10 reward | first 2 steps | last-10 entropy |")
+    print("| variant | steps to 0.9 (min / median / max) | seconds to 0.9 | last-10 reward | first 2 steps | last-10 entropy "
+          "| generation rounds | groups sampled | CPU s per run |")
     for name in a.variants:
         ms = [runs[name, seed] for seed in a.seeds]
         s = [summarize(m) for m in ms]
@@ -258,7 +265,10 @@ def curves(argv):
         print(f"| {name} | {spread([x['steps_to_threshold'] for x in s], 0)} | {spread([x['seconds_to_threshold'] for x in s], 1)} "
               f"| {spread([mean(m, 'reward/mean', lambda m: m[-10:]) for m in ms], 3)} "
               f"| {spread([mean(m, 'reward/mean', lambda m: m[:2]) for m in ms], 3)} "
-              f"| {spread([mean(m, 'policy/entropy', lambda m: m[-10:]) for m in ms], 2)} |")
+              f"| {spread([mean(m, 'policy/entropy', lambda m: m[-10:]) for m in ms], 2)} "
+              f"| {spread([sum(r.get('groups/rounds', 1) for r in m) for m in ms], 0)} "
+              f"| {spread([sum(r.get('groups/sampled', 0) for r in m) for m in ms], 0)} "
+              f"| {spread([cpu[name, seed] for seed in a.seeds], 0)} |")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -11,7 +11,8 @@ exception is code_reward on a machine that cannot isolate model code (SandboxUna
     code_reward(completion, tests, timeout)  1.0 iff the tests pass: judged by a process that never runs
                                              the program, which runs in a sandbox the kernel isolates
 
-To add a task, write one more function here and call it from `score` in grpo.py.
+A task of your own needs no edit here: its reward function goes in a file of its own, `--reward FILE.py:FUNCTION`
+(docs/rewards.md). A new built-in verdict goes here and into `builtin_rewards` in grpo.py.
 """
 
 import builtins
