@@ -1696,6 +1696,36 @@ def test_bench_decoding_loop_samples_exactly_what_generate_samples(tiny_model_di
         assert runs[0]["completion_mask"][0].sum() == 4 and runs[0]["completion_mask"][1:].sum() > 8
 
 
+@pytest.mark.skipif(not bench.continuous_batching_available(), reason="this transformers has no generate_batch")
+def test_bench_continuous_batching_decodes_greedily_like_generate_and_records_the_samplers_logprobs(tiny_model_dir,
+                                                                                                 model_and_tokenizer):
+    # bench.batch_generate (transformers' generate_batch: paged attention, a scheduler) as a drop-in for generate in
+    # grpo.generate, for both samplers: the same greedy tokens as generate, with prompts of different lengths and a
+    # row that ends at EOS (pad after it, the others go on); sampling records the log-probs of the drawn tokens,
+    # which equal the policy's own (float32 on a CPU: both samplers are the policy up to rounding).
+    model, tokenizer = model_and_tokenizer
+    randomize_lora(model, scale=0.5)
+    prompts = ["What is 2 + 3?", "Name a colour, any colour you like, and say why.", "Count: 1, 2, 3"]
+    args = tiny_args(tiny_model_dir, max_new_tokens=10, beta=0.0)
+    for sampler in (grpo.build_generation_model(model), model):
+        eos_ids = grpo.end_of_sequence_ids(model, tokenizer)
+        eos_ids.append(int(grpo.generate(sampler, tokenizer, prompts, args, eos_ids, 1.0, greedy=True)["completion_ids"][0, 3]))
+        expected = grpo.generate(sampler, tokenizer, prompts, args, eos_ids, 1.0, greedy=True)
+        sampler.generate = functools.partial(bench.batch_generate, sampler)
+        try:
+            got = grpo.generate(sampler, tokenizer, prompts, args, eos_ids, 1.0, greedy=True)
+            torch.manual_seed(0)
+            sampled = grpo.generate(sampler, tokenizer, prompts, args, eos_ids, temperature=1.0)
+        finally:
+            del sampler.generate  # back to the class's generate
+        assert torch.equal(got["completion_ids"], expected["completion_ids"]) and got["texts"] == expected["texts"]
+        assert got["completion_mask"][0].sum() == 4 and got["completion_mask"][1:].sum() == 20
+        mask = sampled["completion_mask"].bool()
+        policy = grpo.batch_logprobs(model, {k: v for k, v in sampled.items() if torch.is_tensor(v)}, args, 1.0)
+        assert (sampled["sampler_logp"] - policy)[mask].abs().max() < 1e-4 and sampled["sampler_logp"][mask].std() > 0.01
+        assert torch.equal(sampled["sampler_logp"][~mask], torch.zeros(int((~mask).sum())))
+
+
 def test_merged_sampler_and_activation_offload_run_in_main(tiny_model_dir, gsm8k_few, tmp_path, monkeypatch):
     # --tis-cap 0: the importance weights of these float32 samplers are 1 ± 1e-6, noise that Adam magnifies where a
     # gradient element is near its eps; the runs compare the samplers and offload, with one formula.
@@ -1855,20 +1885,23 @@ def test_suite_bench_writes_every_figure_as_it_goes_and_respects_its_budget(tmp_
              "--decode-new-tokens", "4", "--decode-check", "6"]
     run_bench("suite", "--config", str(config), "--tokenizer", str(TOKENIZER), "--device", "cpu", "--out", str(out),
               "--models-dir", str(tmp_path / "models"), "--slice-layers", "1", "--budget-s", "600",
-              "--only", "gather,decode-slice,slice-trl,slice-graph,full-ours,full-long", *sizes, timeout=600)
+              "--only", "gather,decode-slice,slice-trl,slice-graph,slice-paged,full-ours,full-long", *sizes, timeout=900)
     results = json.loads((out / "suite.json").read_text())
     by_name = {m["name"]: m for m in results["measurements"]}
-    assert list(by_name) == ["gather", "decode-slice", "slice-trl", "slice-graph", "full-ours", "full-long"]
+    assert list(by_name) == ["gather", "decode-slice", "slice-trl", "slice-graph", "slice-paged", "full-ours", "full-long"]
     graph_steps = [r for r in by_name["slice-graph"]["records"] if "step_seconds" in r]
     # CPU: no graph; the merged sampler, then the 4-bit policy as the sampler
     assert [(r["variant"], r["sampler"], r["decode"], r["generated_tokens"]) for r in graph_steps] == \
         [("graph", "merged", "static-loop", 2 * 2 * 4)] * 2 + [("graph policy", "policy", "static-loop", 2 * 2 * 4)] * 2
+    paged_steps = [r for r in by_name["slice-paged"]["records"] if "step_seconds" in r]  # continuous batching, EOS off
+    assert [(r["variant"], r["sampler"], r["decode"], r["generated_tokens"]) for r in paged_steps] == \
+        [("paged", "merged", "continuous-batching", 2 * 2 * 4)] * 2 + [("paged policy", "policy", "continuous-batching", 2 * 2 * 4)] * 2
     # Every decoding variant that runs on a CPU samples greedily exactly what generate does (our own loop on a
     # static cache included: its positions, cache slots and mask); CUDA graphs need CUDA and say so.
     decode = {r["variant"]: r for r in by_name["decode-slice"]["records"]}
     assert set(decode) == set(bench.DECODE_VARIANTS)
     assert decode["cuda-graph"]["skipped"].startswith("CUDA graphs need")
-    for variant in ("generate-sdpa", "generate", "generate-static", "static-loop"):
+    for variant in ("generate-sdpa", "generate", "generate-static", "static-loop", "continuous-batching"):
         assert decode[variant]["greedy_tokens_equal_to_generate"] == 1.0 and decode[variant]["ms_per_decode_step"] > 0
     assert decode["static-loop"]["layers"] == 1 and decode["static-loop"]["batch"] == 4
     assert by_name["slice-trl"]["note"].startswith("skipped: the TRL anchor needs a CUDA GPU")
