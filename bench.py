@@ -468,9 +468,9 @@ def decode_child(a):
         run(new_tokens)
         synchronize()
         return time.perf_counter() - start
-    record = {"variant": a.only, "attention": "paged sdpa" if a.only == "continuous-batching" else attention, "layers": config.num_hidden_layers, "batch": a.batch,
-              "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens, "device": device.type,
-              "gpu": torch.cuda.get_device_name(device) if cuda else "cpu"}
+    record = {"variant": a.only, "attention": "paged sdpa" if a.only == "continuous-batching" else attention,
+              "layers": config.num_hidden_layers, "batch": a.batch, "prompt_tokens": a.prompt_tokens,
+              "new_tokens": a.new_tokens, "device": device.type, "gpu": torch.cuda.get_device_name(device) if cuda else "cpu"}
     if a.check:  # greedy tokens against transformers' generate on the same weights and attention
         reference = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=a.check,
                                    min_new_tokens=a.check, do_sample=False, pad_token_id=0)[:, prompt_ids.shape[1]:]

@@ -1136,22 +1136,25 @@ def test_token_sampler_draws_the_exact_tempered_nucleus_distribution_and_records
 
 def test_token_sampler_multinomial_draws_the_tokens_of_generates_own_sampling(tiny_model_dir, model_and_tokenizer):
     # The GPU path (and --cpu-sampler multinomial): greedy generate + token_sampler must be generate's own
-    # sampling, draw for draw, from the same seed (temperature, top-p, a row ending at EOS).
+    # sampling, draw for draw, from the same seed (temperature, top-p, a row ending at EOS). At temperature 0.05 the
+    # nucleus is a few tokens: applying top-p and temperature in the other order would draw outside it.
     model, tokenizer = model_and_tokenizer
     randomize_lora(model, scale=0.5)
     args = tiny_args(tiny_model_dir, max_new_tokens=10, top_p=0.9, cpu_sampler="multinomial")
     prompts = ["What is 2 + 3?", "Name a colour, any colour you like, and say why.", "Count: 1, 2, 3"]
     eos_ids = grpo.end_of_sequence_ids(model, tokenizer)
     torch.manual_seed(0)
-    ours = grpo.generate(model, tokenizer, prompts, args, eos_ids, temperature=0.7)
-    eos_ids = eos_ids + [int(ours["completion_ids"][0, 3])]  # row 0 now ends at its 4th token
+    ours = grpo.generate(model, tokenizer, prompts, args, eos_ids, temperature=0.05)
+    stop = int(ours["completion_ids"][0, 3])  # row 0 now ends at this token's first place (at the latest its 4th)
+    eos_ids, ends = eos_ids + [stop], int((ours["completion_ids"][0] == stop).nonzero()[0]) + 1
     torch.manual_seed(0)
-    ours = grpo.generate(model, tokenizer, prompts, args, eos_ids, temperature=0.7)
+    ours = grpo.generate(model, tokenizer, prompts, args, eos_ids, temperature=0.05)
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     torch.manual_seed(0)
-    theirs = model.generate(**encoded, do_sample=True, temperature=0.7, top_p=0.9, top_k=0, max_new_tokens=10,
+    theirs = model.generate(**encoded, do_sample=True, temperature=0.05, top_p=0.9, top_k=0, max_new_tokens=10,
                             eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id)[:, encoded["input_ids"].shape[1]:]
-    assert torch.equal(ours["completion_ids"], theirs) and ours["completion_mask"][0].sum() == 4
+    assert torch.equal(ours["completion_ids"], theirs) and ours["completion_mask"][0].sum() == ends
+    assert ours["completion_mask"][1:].sum() > ends  # the other rows go on
 
 
 def float64_sampler_logprobs(dense64, rollout, temperature, top_p):
@@ -1189,12 +1192,14 @@ def test_generate_records_the_samplers_logprobs_for_both_samplers_and_every_cpu_
     for number, (sampler, cpu_sampler, temperature, top_p) in enumerate(cases):
         args = tiny_args(tiny_model_dir, max_new_tokens=10, top_p=top_p, cpu_sampler=cpu_sampler, generation_chunk=3)
         torch.manual_seed(0)
-        rollout = grpo.generate(sampler, tokenizer, prompts, args, eos_ids, temperature=temperature)
-        if number == 0:  # again, with row 3 (alone in the second chunk) ending at its 4th token
+        rollout = first = grpo.generate(sampler, tokenizer, prompts, args, eos_ids, temperature=temperature)
+        if number == 0:  # again, with row 0 ending while rows 1, 2 go on, and row 3 (alone in chunk 2) ending early
             torch.manual_seed(0)
-            rollout = grpo.generate(sampler, tokenizer, prompts, args, eos_ids + [int(rollout["completion_ids"][3, 3])],
-                                    temperature=temperature)
-            assert rollout["completion_mask"][3].sum() == 4 and rollout["completion_mask"][:3].sum() > 12
+            stops = [int(first["completion_ids"][0, 5]), int(first["completion_ids"][3, 3])]
+            rollout = grpo.generate(sampler, tokenizer, prompts, args, eos_ids + stops, temperature=temperature)
+            ends = [int(torch.isin(row, torch.tensor(stops)).int().argmax()) + 1 if torch.isin(row, torch.tensor(stops)).any()
+                    else 10 for row in first["completion_ids"]]  # each row up to its first stop token
+            assert rollout["completion_mask"].sum(1).tolist() == ends and ends[0] <= 6 and ends[3] <= 4 and 10 in ends[1:3]
         recorded, mask = rollout["sampler_logp"], rollout["completion_mask"].bool()
         assert recorded.dtype == torch.float32 and recorded.shape == rollout["completion_ids"].shape
         assert torch.equal(recorded[~mask], torch.zeros(int((~mask).sum())))
