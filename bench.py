@@ -59,15 +59,17 @@ bench.py -- measurements behind the README's Performance section (docs/performan
       --new-tokens.
 
   python bench.py decode --config CONFIG.json [--layers 48 --batch 128 --prompt-tokens 280 --new-tokens 64
-                         --variants generate-sdpa,generate,generate-static,static-loop,cuda-graph --check 16]
+                         --variants generate-sdpa,generate,generate-static,static-loop,cuda-graph,continuous-batching
+                         --check 16]
       One decode step of the dense (merged) sampler alone, in ms, per variant, each in its own process:
       generate with transformers' sdpa attention or with grpo.decode_attention (the merged sampler's),
       generate with a static cache (transformers compiles the step), and graph_generate, our own loop on a
       static cache with fixed buffers, eagerly (static-loop) or with one decode step captured as a CUDA
-      graph and replayed (cuda-graph). --check compares greedy tokens with generate's. graph_generate also
-      stands in for the sampler's generate in `bench.py step` (--variants '[{"generation_model": "merged",
-      "decode": "cuda-graph"}]', or "policy": the 4-bit model's own decode step as the graph) to time whole
-      steps with it.
+      graph and replayed (cuda-graph), and transformers' continuous batching (batch_generate: generate_batch,
+      paged attention). --check compares greedy tokens with generate's. graph_generate and batch_generate also
+      stand in for the sampler's generate in `bench.py step` (--variants '[{"generation_model": "merged",
+      "decode": "cuda-graph"}]', or "policy": the 4-bit model's own decode step as the graph; "decode":
+      "continuous-batching" likewise) to time whole steps with them.
 
   python bench.py suite [--config data/qwen2.5-14b-config.json --budget-s 480 --out runs/suite
                         --slice-layers 8 --only NAMES]
@@ -75,7 +77,8 @@ bench.py -- measurements behind the README's Performance section (docs/performan
       config's shape, our step and TRL's (`bench.py trl`) side by side on a slice of the
       config with fewer layers, our step at full size, 2,048 new tokens with and without
       --offload-activations on one rollout, the 4-bit sampler at full size, and both samplers with the
-      CUDA-graph decoding loop (slice-graph, full-graph, full-graph-policy). Each measurement is its
+      CUDA-graph decoding loop (slice-graph, full-graph, full-graph-policy) and with continuous batching
+      (slice-paged, full-paged). Each measurement is its
       own process, killed when the budget is spent; suite.json, suite.md and suite.log under --out are
       rewritten as every record arrives, so a cut-off run keeps what it measured.
 
@@ -307,7 +310,7 @@ def gather_main(a):
 # -----------------------------------------------------------------------------
 # decode: what one decode step of the dense sampler costs, by attention and decoding loop.
 
-DECODE_VARIANTS = ("generate-sdpa", "generate", "generate-static", "static-loop", "cuda-graph")
+DECODE_VARIANTS = ("generate-sdpa", "generate", "generate-static", "static-loop", "cuda-graph", "continuous-batching")
 
 
 def graph_generate(model, use_graph, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id,
@@ -399,6 +402,56 @@ def graph_generate(model, use_graph, input_ids, attention_mask, max_new_tokens, 
     return sequences[:, :P + steps]
 
 
+def continuous_batching_available() -> bool:
+    import transformers
+    return hasattr(transformers.GenerationMixin, "generate_batch")  # 5.17 and 5.24 have it
+
+
+def batch_generate(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, do_sample=True,
+                   temperature=1.0, top_p=1.0, logits_processor=(), **ignored):
+    """A stand-in for model.generate, as grpo.generate calls it: transformers' continuous batching (generate_batch:
+    a paged KV cache, finished rows' slots refilled by a scheduler; TRL's use_transformers_paged), for the dense copy
+    or the 4-bit + LoRA policy (its transformers model, LoRA layers in place). grpo.token_sampler's draw is done by
+    generate_batch's own sampler at the token sampler's temperature and top-p (softmax + multinomial, seeded from
+    torch's generator), and its log-probs of the drawn tokens (return_logprobs) go to the token sampler's record.
+    A row ends at EOS (pad after it); min_new_tokens = max_new_tokens in the model's generation_config (bench.py
+    step's fixed workload) switches EOS off. Returns [B, P + new] tokens, the prompts left-padded as given."""
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+    sampler = next((p for p in logits_processor if hasattr(p, "record")), None)  # grpo.token_sampler, when sampling
+    if sampler is not None:
+        do_sample, temperature, top_p = True, sampler.temperature, sampler.top_p
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # generate_batch is transformers'
+    fixed_length = (getattr(model.generation_config, "min_new_tokens", None) or 0) >= max_new_tokens
+    prompts = [ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask)]  # no padding
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if do_sample else dict(do_sample=False)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=None if fixed_length else eos_token_id,
+                              pad_token_id=pad_token_id, **sampling)
+    # The cache sized for these requests (pages of 256 tokens: both versions' default), not from free memory (80%
+    # of the GPU by default); max_batch_tokens: tokens per forward (prefill chunks, or every row's next token).
+    paging = ContinuousBatchingConfig(num_blocks=sum(math.ceil((len(p) + max_new_tokens + 1) / 256) for p in prompts) + 1,
+                                      max_batch_tokens=max(len(prompts), min(16384, sum(map(len, prompts)))),
+                                      return_logprobs=sampler is not None)
+    attention = inner.config._attn_implementation
+    inner.config._attn_implementation = "sdpa" if attention == grpo.DECODE_ATTENTION else attention  # not one it knows
+    try:
+        outputs = list(inner.generate_batch(prompts, generation_config=config, continuous_batching_config=paging).values())
+    finally:
+        inner.config._attn_implementation = attention
+    if len(outputs) != len(prompts) or any(output.error for output in outputs):
+        raise RuntimeError(f"generate_batch: {[output.error for output in outputs if output.error][:1] or 'rows missing'}")
+    batch, P = input_ids.shape
+    new = max(len(output.generated_tokens) for output in outputs)
+    sequences = torch.full((batch, P + new), pad_token_id, dtype=input_ids.dtype, device=input_ids.device)
+    logps = torch.zeros(batch, new, device=input_ids.device)
+    sequences[:, :P] = input_ids
+    for row, output in enumerate(outputs):  # in the order of the inputs
+        sequences[row, P : P + len(output.generated_tokens)] = torch.tensor(output.generated_tokens)
+        logps[row, : len(output.logprobs)] = torch.tensor(output.logprobs)
+    if sampler is not None:
+        sampler.record.extend(logps.unbind(1))  # [B] per step, as the token sampler records them
+    return sequences
+
+
 def decode_child(a):
     """One variant in this process: ms per decode step (prefill subtracted) on a random bf16 (CUDA) or float32
     (CPU) model of the config with --layers blocks, B rows of random prompts with left padding."""
@@ -419,12 +472,13 @@ def decode_child(a):
     prompt_ids, prompt_mask = (prompt_ids * prompt_mask).to(device), prompt_mask.to(device)
 
     def run(new_tokens, greedy=False):
-        if a.only in ("static-loop", "cuda-graph"):
-            # graph_generate reads min_new_tokens from here: every row runs the full length, as generate's below
+        if a.only in ("static-loop", "cuda-graph", "continuous-batching"):
+            # graph_generate and batch_generate read min_new_tokens from here: every row runs the full length, as below
             model.generation_config.min_new_tokens = new_tokens
             sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=1.0, top_p=1.0)
-            return graph_generate(model, a.only == "cuda-graph", prompt_ids, prompt_mask, new_tokens, [151643, 151645],
-                                  0, **sampling)[:, prompt_ids.shape[1]:]
+            loop = (functools.partial(graph_generate, model, a.only == "cuda-graph") if a.only != "continuous-batching"
+                    else functools.partial(batch_generate, model))
+            return loop(prompt_ids, prompt_mask, new_tokens, [151643, 151645], 0, **sampling)[:, prompt_ids.shape[1]:]
         sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
         cache = dict(cache_implementation="static") if a.only == "generate-static" else {}  # compiled by transformers
         with torch.no_grad():
@@ -438,9 +492,9 @@ def decode_child(a):
         run(new_tokens)
         synchronize()
         return time.perf_counter() - start
-    record = {"variant": a.only, "attention": attention, "layers": config.num_hidden_layers, "batch": a.batch,
-              "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens, "device": device.type,
-              "gpu": torch.cuda.get_device_name(device) if cuda else "cpu"}
+    record = {"variant": a.only, "attention": "paged sdpa" if a.only == "continuous-batching" else attention,
+              "layers": config.num_hidden_layers, "batch": a.batch, "prompt_tokens": a.prompt_tokens,
+              "new_tokens": a.new_tokens, "device": device.type, "gpu": torch.cuda.get_device_name(device) if cuda else "cpu"}
     if a.check:  # greedy tokens against transformers' generate on the same weights and attention
         reference = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=a.check,
                                    min_new_tokens=a.check, do_sample=False, pad_token_id=0)[:, prompt_ids.shape[1]:]
@@ -465,6 +519,9 @@ def decode_main(a):
             raise SystemExit(f"bench.py: error: --variants: unknown {variant!r}; choose from {', '.join(DECODE_VARIANTS)}")
         if variant == "cuda-graph" and a.device != "cuda":
             print(json.dumps({"variant": variant, "skipped": "CUDA graphs need a CUDA device"}), flush=True)
+            continue
+        if variant == "continuous-batching" and not continuous_batching_available():
+            print(json.dumps({"variant": variant, "skipped": "this transformers has no generate_batch"}), flush=True)
             continue
         command = [sys.executable, os.path.abspath(__file__), "decode", "--only", variant, "--config", a.config,
                    "--layers", str(a.layers), "--batch", str(a.batch), "--prompt-tokens", str(a.prompt_tokens),
@@ -679,7 +736,8 @@ def bench_step(model, sampler, tokenizer, prompts, args, eos_ids, optimizer, rng
         advantages = grpo.group_advantages(rewards, args.group_size, scale=args.scale_advantages)
         batch = {"prompt_ids": rollout["prompt_ids"], "prompt_mask": rollout["prompt_mask"],
                  "completion_ids": rollout["completion_ids"], "completion_mask": rollout["completion_mask"],
-                 "loss_mask": rollout["completion_mask"], "advantages": advantages}
+                 "loss_mask": rollout["completion_mask"], "advantages": advantages,
+                 **{k: rollout[k] for k in ("sampler_logp",) if k in rollout and not completion_lengths}}  # as grpo_step
         batch = {k: v.to(device) for k, v in batch.items()}
     batch = {k: v for k, v in batch.items() if k not in ("ref_logp", "old_logp")}
     if args.beta != 0:
@@ -716,6 +774,7 @@ def bench_step(model, sampler, tokenizer, prompts, args, eos_ids, optimizer, rng
               "completion_tokens": int(batch["completion_ids"].shape[1]), "generation_chunk": chunk,
               "generated_tokens_per_s": round(generated / seconds["generation"], 1) if "generation" in used else None,
               "loss": stats.get("loss"), "kl": stats.get("kl"), "grad_norm": float(grad_norm),
+              "sampler_logp_abs_diff": stats.get("sampler_logp_abs_diff"), "sampler_kl": stats.get("sampler_kl"),
               "micro_batch": args.micro_batch, "micro_batch_tokens": args.micro_batch_tokens,
               "padded_tokens": sum(plan_costs(grpo.sequence_lengths(batch), args.micro_batch, args.micro_batch_tokens))}
     return record, batch
@@ -790,11 +849,15 @@ def step_main(a):
             sampler = grpo.build_generation_model(model) if v["generation_model"] == "merged" else model
             if v["attention"]:  # e.g. "sdpa": the merged sampler with transformers' own attention, for the A/B
                 sampler.config._attn_implementation = v["attention"]
-            if v["decode"] != "generate":  # static-loop | cuda-graph: graph_generate stands in for sampler.generate
-                if v["decode"] not in ("static-loop", "cuda-graph"):
-                    raise SystemExit(f"bench.py: error: decode {v['decode']!r}: choose generate, static-loop or cuda-graph")
+            if v["decode"] != "generate":  # graph_generate or batch_generate stands in for sampler.generate
+                if v["decode"] not in ("static-loop", "cuda-graph", "continuous-batching"):
+                    raise SystemExit(f"bench.py: error: decode {v['decode']!r}: choose generate, static-loop, cuda-graph "
+                                     "or continuous-batching")
+                if v["decode"] == "continuous-batching" and not continuous_batching_available():
+                    raise SystemExit("bench.py: error: decode continuous-batching: this transformers has no generate_batch")
                 # The merged sampler, or the 4-bit policy itself (its decode step captured with bitsandbytes' kernels)
-                sampler.generate = functools.partial(graph_generate, sampler, v["decode"] == "cuda-graph")
+                sampler.generate = (functools.partial(batch_generate, sampler) if v["decode"] == "continuous-batching" else
+                                    functools.partial(graph_generate, sampler, v["decode"] == "cuda-graph"))
             prompts, rng = random_prompts(tokenizer, v["prompts"], a.prompt_tokens, a.seed)
             group_prompts = [q for q in prompts for _ in range(v["group"])]  # groups contiguous, as grpo.main
             name = v["name"] or f"variant {index + 1}"
@@ -1082,7 +1145,7 @@ def suite_plan(a, device):
     warm = {"warmup_new_tokens": a.warmup_new_tokens, "steps": 1}
     # ms per decode step, every decoding variant (bench.py decode); ~280 prompt tokens like the steps' prompts
     plan.append(decode("decode-slice", a.slice_layers or full_layers, ",".join(DECODE_VARIANTS), a.decode_check))
-    plan.append(decode("decode-full", full_layers, "generate-sdpa,generate,cuda-graph", 0))
+    plan.append(decode("decode-full", full_layers, "generate-sdpa,generate,cuda-graph,continuous-batching", 0))
     if a.slice_layers:  # the side by side with TRL: same width and vocabulary, fewer layers
         plan.append(ours("slice-ours", a.slice_layers, [{"name": "policy", "steps": 2, **short},
                                                         {"name": "merged", "generation_model": "merged", "steps": 2, **short}]))
@@ -1091,10 +1154,15 @@ def suite_plan(a, device):
     graph = {"generation_model": "merged", "decode": "cuda-graph" if device.type == "cuda" else "static-loop"}
     # ... and with the 4-bit policy as the sampler (no 26 GB dense copy: the memory goal's path), decoded the same way
     graph_policy = {**graph, "generation_model": "policy"}
+    # ... and with transformers' continuous batching (generate_batch, paged attention), both samplers
+    paged, paged_policy = {"generation_model": "merged", "decode": "continuous-batching"}, {"decode": "continuous-batching"}
     if a.slice_layers:
         plan.append(ours("slice-graph", a.slice_layers, [{"name": "graph", "steps": 2, **graph, **short},
                                                          {"name": "graph policy", "steps": 2, **graph_policy, **short}]))
+        plan.append(ours("slice-paged", a.slice_layers, [{"name": "paged", "steps": 2, **paged, **short},
+                                                         {"name": "paged policy", "steps": 2, **paged_policy, **short}]))
     plan.append(ours("full-graph", full_layers, [{"name": "graph", **warm, **graph, **short}]))
+    plan.append(ours("full-paged", full_layers, [{"name": "paged", **warm, **paged, **short}]))
     plan.append(ours("full-ours", full_layers, [{"name": "merged", "generation_model": "merged", **warm, **short}]))
     plan.append(ours("full-long", full_layers, [{"name": "long", "generation_model": "merged", **warm, **long},
                                                {"name": "long+offload", "generation_model": "merged", "offload_activations": True,
@@ -1331,7 +1399,8 @@ def parse_args(argv=None):
     d.add_argument("--variants", default=",".join(DECODE_VARIANTS), help="each in its own process: generate-sdpa "
                    "(transformers' attention), generate (grpo's decode attention, the merged sampler today), "
                    "generate-static (cache_implementation=static: transformers compiles the step), static-loop (our "
-                   "own loop on a static cache), cuda-graph (that loop, one step captured as a CUDA graph)")
+                   "own loop on a static cache), cuda-graph (that loop, one step captured as a CUDA graph), "
+                   "continuous-batching (transformers' generate_batch: paged attention)")
     d.add_argument("--check", type=int, default=0, help="> 0: also compare this many greedy tokens with generate's")
     d.add_argument("--only", choices=DECODE_VARIANTS, default=None, help=argparse.SUPPRESS)  # child
     u = sub.add_parser("suite", help="the full-size GPU measurement in one budgeted command: gather, our step "
@@ -1359,8 +1428,8 @@ def parse_args(argv=None):
     u.add_argument("--decode-new-tokens", type=int, default=64, help="decode steps timed by the decode measurements")
     u.add_argument("--decode-check", type=int, default=16, help="greedy tokens compared with generate's (decode-slice)")
     u.add_argument("--only", default="", help="comma-separated measurement names to run (default: all): gather, "
-                   "decode-slice, decode-full, slice-ours, slice-trl, slice-graph, full-graph, full-ours, full-long, "
-                   "slice-long-ours, slice-long-trl, full-policy, full-graph-policy")
+                   "decode-slice, decode-full, slice-ours, slice-trl, slice-graph, slice-paged, full-graph, full-paged, "
+                   "full-ours, full-long, slice-long-ours, slice-long-trl, full-policy, full-graph-policy")
     return parser.parse_args(argv)
 
 

@@ -28,12 +28,15 @@ Departures from the paper (each is a flag; the default is listed first):
      from the loss (`--drop-zero-std-groups`) or refilling the batch with informative ones (`--dynamic-sampling`,
      DAPO's dynamic sampling), and masking or penalising completions that hit max_new_tokens (`--overlong`, DAPO).
   6. Log-probs are computed at the sampling temperature (logits / T), so they are the log-probs of
-     the policy that sampled. top-p truncation is not modelled (as in TRL).
+     the policy that sampled. top-p truncation is not modelled (as in TRL): departure 9 weighs it.
   7. On a GPU, rollouts are sampled from a dense bf16 copy of the policy (4-bit base dequantized, LoRA
-     merged, refreshed every step) for speed; it differs from the trained policy by rounding only.
-     `--generation-model policy` samples from the 4-bit model itself (26 GB less at 14B).
+     merged, refreshed every step) for speed; it differs from the trained policy by rounding (logged as
+     sampler/*). `--generation-model policy` samples from the 4-bit model itself (26 GB less at 14B).
   8. `--ratio-level sequence`: GSPO's one ratio per completion (Zheng et al. 2025); `--top-entropy-quantile`:
      the policy term on the highest-entropy tokens only (Wang et al. 2025). Both off by default.
+  9. Truncated importance sampling `--tis-cap C` (default 2; 0: off; Yao et al. 2025): the sampler (the
+     bf16 copy, top-p) is not exactly π_old, so each token's policy term is weighted by min(π_old/π_sampler, C),
+     π_sampler's log-probs recorded while sampling (no extra pass). An exact sampler gets weight 1.
 
 Shapes: B prompts per step, G completions per prompt, N = B·G sequences, P prompt tokens,
 T completion tokens, V vocabulary, H hidden size. "mask" is always a 0/1 float of shape [N, T].
@@ -159,6 +162,8 @@ class Args:
     agg: str = arg("seq", "loss aggregation: seq (GRPO) | token (DAPO) | dr_grpo (Dr. GRPO)", choices=("seq", "token", "dr_grpo"))
     ratio_level: str = arg("token", "importance ratio: token (GRPO) | sequence (GSPO: one length-normalised ratio per "
                            "completion)", choices=("token", "sequence"))
+    tis_cap: float = arg(2.0, "C: truncated importance sampling, each token's policy term weighted by min(π_old / "
+                         "π_sampler, C), π_sampler recorded while sampling (docs/sampler.md); 0: off", valid=AT_LEAST_0)
     top_entropy_quantile: float = arg(1.0, "ρ: the policy term trains only the batch's top-ρ fraction of trained tokens "
                                       "by policy entropy (Wang et al. 2025 use 0.2); the KL term keeps all; 1: all", valid="(0, 1]")
     scale_advantages: bool = arg(True, "divide advantages by the group std (off: Dr. GRPO)")
@@ -612,16 +617,13 @@ def free_memory_bytes(device) -> int:
 INVERSE_CDF_BLOCK = 1024  # vocabulary entries per block of the two-level draw below
 
 
-def inverse_cdf_sampler(temperature, top_p):
-    """A logits processor that samples the next token itself, for a greedy (do_sample=False) generate:
-    it applies temperature and top-p exactly as generate's sampling does, draws one token per row, and
-    returns scores that are 0 at that token and -inf elsewhere, so generate's argmax picks it.
-    Why: on a CPU, torch.multinomial over 152k probabilities is bound by the random-number generator
-    (it draws far more than one number per row) and took ~77% of a tiny model's generate. Inverse CDF
-    needs one uniform u per row: the token is the first whose cumulative probability exceeds u·total.
-    Two levels keep the cumulative sums short: pick a block of INVERSE_CDF_BLOCK tokens by its total
-    weight, then the token inside it; both cumulative sums are float64, so a token's chance is its
-    probability up to float32 rounding, and a token of probability 0 (masked by top-p) is never picked."""
+def token_sampler(temperature, top_p, method, record):
+    """A logits processor that samples the next token itself, for a greedy (do_sample=False) generate: temperature
+    and top-p exactly as generate's sampling applies them, one token drawn per row ("multinomial": generate's own
+    calls, so the same tokens from the same seed; "inverse_cdf": inverse_cdf_draw), its log-probability under the
+    distribution drawn from (log π_sampler, departure 9) appended to the list record ([n] per step: no [n, V] tensor
+    outlives the step), and scores 0 at that token, -inf elsewhere, returned for generate's argmax. (generate's own
+    sampling hides that distribution: its processors run before temperature and top-p, and the draw after them.)"""
     from transformers import TopPLogitsWarper
     top_p_warper = TopPLogitsWarper(top_p) if top_p < 1.0 else None
 
@@ -630,66 +632,82 @@ def inverse_cdf_sampler(temperature, top_p):
             scores.div_(temperature)  # in place; the same float division as generate's temperature warper
         if top_p_warper is not None:
             scores = top_p_warper(input_ids, scores)  # transformers' own top-p: identical truncation
-        n, V = scores.shape
-        weights = scores.sub_(scores.amax(dim=1, keepdim=True)).exp_()  # [n, V], unnormalised probs, in place
-        full = V // INVERSE_CDF_BLOCK * INVERSE_CDF_BLOCK
-        # Block sums in float32 (a float64 sum over [n, V] costs 20x more here): each block's weight is
-        # then exact to ~1e-7 relative, the same precision as the float32 probabilities multinomial gets.
-        block_sums = torch.cat([weights[:, :full].view(n, -1, INVERSE_CDF_BLOCK).sum(dim=2),
-                                weights[:, full:].sum(dim=1, keepdim=True)], dim=1).double()  # [n, V / block + 1]
-        block_cdf = block_sums.cumsum(dim=1)
-        total = block_cdf[:, -1:]  # [n, 1]
-        # u in [0, total): clamp just below total, since rand·total may round up to it.
-        u = torch.minimum(torch.rand(n, 1, dtype=torch.float64, device=scores.device) * total,
-                          torch.nextafter(total, torch.zeros_like(total)))
-        block = torch.searchsorted(block_cdf, u, right=True)  # [n, 1]: first block whose cdf exceeds u
-        u = u - torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)), 0.0)  # u inside the block
-        columns = block * INVERSE_CDF_BLOCK + torch.arange(INVERSE_CDF_BLOCK, device=scores.device)  # [n, block]
-        inner = (weights.gather(1, columns.clamp(max=V - 1)) * (columns < V)).double().cumsum(dim=1)  # [n, block]
-        u = torch.minimum(u, torch.nextafter(inner[:, -1:], torch.zeros_like(u)))  # the block's two sums may differ in the last bit
-        token = columns.gather(1, torch.searchsorted(inner, u, right=True))  # [n, 1]
+        if method == "multinomial":
+            probs = torch.softmax(scores, dim=-1)  # [n, V]
+            token = torch.multinomial(probs, 1)  # [n, 1]
+            logp = probs.gather(1, token).log()
+        else:
+            token, logp = inverse_cdf_draw(scores)
+        record.append(logp[:, 0].float())  # [n]
         return scores.fill_(-math.inf).scatter_(1, token, 0.0)  # reuses the buffer: no new [n, V] tensor
+    sample.temperature, sample.top_p, sample.record = temperature, top_p, record  # for stand-ins of generate (bench.py)
     return sample
+
+
+def inverse_cdf_draw(scores):
+    """One token per row of softmax(scores) [n, V] (overwritten) and its log-probability, ([n, 1], [n, 1]). Why: on a
+    CPU, torch.multinomial over 152k probabilities is bound by the random-number generator (it draws far more than one
+    number per row) and took ~77% of a tiny model's generate. Inverse CDF needs one uniform u per row: the token is the
+    first whose cumulative probability exceeds u·total. Two levels keep the cumulative sums short: a block of
+    INVERSE_CDF_BLOCK tokens by its total weight, then the token inside it; both sums are float64, so a token's chance
+    is its probability up to float32 rounding, and a token of probability 0 (masked by top-p) is never picked."""
+    n, V = scores.shape
+    weights = scores.sub_(scores.amax(dim=1, keepdim=True)).exp_()  # [n, V], unnormalised probs, in place
+    full = V // INVERSE_CDF_BLOCK * INVERSE_CDF_BLOCK
+    # Block sums in float32 (a float64 sum over [n, V] costs 20x more here): each block's weight is
+    # then exact to ~1e-7 relative, the same precision as the float32 probabilities multinomial gets.
+    block_sums = torch.cat([weights[:, :full].view(n, -1, INVERSE_CDF_BLOCK).sum(dim=2),
+                            weights[:, full:].sum(dim=1, keepdim=True)], dim=1).double()  # [n, V / block + 1]
+    block_cdf = block_sums.cumsum(dim=1)
+    total = block_cdf[:, -1:]  # [n, 1]
+    # u in [0, total): clamp just below total, since rand·total may round up to it.
+    u = torch.minimum(torch.rand(n, 1, dtype=torch.float64, device=scores.device) * total,
+                      torch.nextafter(total, torch.zeros_like(total)))
+    block = torch.searchsorted(block_cdf, u, right=True)  # [n, 1]: first block whose cdf exceeds u
+    u = u - torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)), 0.0)  # u inside the block
+    columns = block * INVERSE_CDF_BLOCK + torch.arange(INVERSE_CDF_BLOCK, device=scores.device)  # [n, block]
+    inner = (weights.gather(1, columns.clamp(max=V - 1)) * (columns < V)).double().cumsum(dim=1)  # [n, block]
+    u = torch.minimum(u, torch.nextafter(inner[:, -1:], torch.zeros_like(u)))  # the block's two sums may differ in the last bit
+    token = columns.gather(1, torch.searchsorted(inner, u, right=True))  # [n, 1]
+    return token, weights.gather(1, token).double().log() - total.log()  # log p = log(w_token / Σ w)
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts, args: Args, eos_ids, temperature, greedy=False, log=print, progress=""):
     """Sample one completion per prompt string (repeat a prompt G times for a group), in chunks of
     --generation-chunk sequences (0: sized from free memory). Returns a dict of CPU tensors: prompt_ids and
-    prompt_mask [N, P] (left padded), completion_ids [N, T], completion_mask [N, T], truncated [N]; texts
-    (the decoded completions) and generation_chunk (the chunk size used). progress: the label of a
-    progress bar in decode steps, drawn only when stderr is a terminal; "" = none."""
+    prompt_mask [N, P] (left padded), completion_ids [N, T], completion_mask [N, T], truncated [N], sampler_logp
+    [N, T] float32 (log π_sampler of each sampled token as token_sampler recorded it; 0 where the mask is 0, and
+    for greedy); texts (the decoded completions) and generation_chunk (the chunk size used). progress: the label
+    of a progress bar in decode steps, drawn only when stderr is a terminal; "" = none."""
     from tqdm import tqdm
     device = model.device
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     prompt_ids, prompt_mask = encoded["input_ids"], encoded["attention_mask"]  # [N, P]
-    # Set every sampling knob: a checkpoint's generation_config.json may carry its own (Qwen2.5-Instruct
-    # has top_k 20, repetition_penalty 1.05), and then the sampler would not be the policy we train.
-    sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=args.top_p, top_k=0)
-    if not greedy and model.device.type == "cpu" and args.cpu_sampler == "inverse_cdf":  # the GPU path is unchanged
-        sampling = dict(do_sample=False, logits_processor=[inverse_cdf_sampler(temperature, args.top_p)])
-    sampling["repetition_penalty"] = 1.0
+    # Greedy generate, sampling done by token_sampler, and every other knob set: a checkpoint's generation_config.json
+    # may carry its own (Qwen2.5-Instruct has top_k 20, repetition_penalty 1.05), which would change the sampler.
+    method = args.cpu_sampler if device.type == "cpu" else "multinomial"  # GPUs: generate's own draw
     model.eval()  # eval mode: no dropout, and gradient checkpointing does not switch the KV cache off
     chunk_size = args.generation_chunk or generation_chunk_size(
         model.config, len(prompts), prompt_ids.shape[1], args.max_new_tokens, free_memory_bytes(device),
         dtype_bytes=2 if device.type == "cuda" else 4)
-    chunks, start = [], 0
-    # disable=None: tqdm draws only on a terminal, so logs and CI get nothing extra; leave=False: the bar
-    # is erased when done, and the one line per step stays as it was. Ticked by a stopping criterion
-    # that generate calls once per decode step and that never stops anything. Redrawn at every tick
-    # (miniters=1, no minimum interval): a decode step costs far more than a redraw, and the bar then
-    # shows the same thing however fast the machine is.
+    chunks, logps, start = [], [], 0
+    # A progress bar in decode steps: on a terminal only (disable=None: logs and CI get nothing), erased when done
+    # (leave=False), ticked by a stopping criterion that never stops anything, redrawn at every tick (a decode step
+    # costs far more than a redraw, and the bar shows the same thing however fast the machine is).
     bar = tqdm(total=math.ceil(len(prompts) / chunk_size) * args.max_new_tokens, desc=progress, unit="tok",
                leave=False, file=sys.stderr, disable=None if progress else True, mininterval=0, miniters=1)
     def tick(input_ids, scores, **kwargs):
         bar.update(1)
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     while start < len(prompts):
-        rows = slice(start, start + chunk_size)
+        rows, record = slice(start, start + chunk_size), []  # record: this chunk's sampler log-probs, [n] per step
+        sampler = [] if greedy else [token_sampler(temperature, args.top_p, method, record)]
         try:
             output = model.generate(input_ids=prompt_ids[rows].to(device), attention_mask=prompt_mask[rows].to(device),
                                     max_new_tokens=args.max_new_tokens, use_cache=True, eos_token_id=eos_ids,
-                                    pad_token_id=tokenizer.pad_token_id, stopping_criteria=[tick], **sampling)
+                                    pad_token_id=tokenizer.pad_token_id, stopping_criteria=[tick], do_sample=False,
+                                    logits_processor=sampler, repetition_penalty=1.0)
         except torch.OutOfMemoryError:
             if chunk_size == 1:
                 fail("out of memory generating a single sequence: lower --max-new-tokens (or use a smaller --model)")
@@ -699,6 +717,7 @@ def generate(model, tokenizer, prompts, args: Args, eos_ids, temperature, greedy
                 f"(set --generation-chunk {chunk_size} to skip this next time)")
             continue
         chunks.append(output[:, prompt_ids.shape[1]:].cpu())  # keep only the new tokens
+        logps.append(torch.stack(record, 1).cpu() if record else torch.zeros(chunks[-1].shape))  # one per new token
         start += chunk_size
         done = len(chunks) * args.max_new_tokens  # counted in full: a chunk may stop early (all rows ended)
         bar.total = done + math.ceil((len(prompts) - start) / chunk_size) * args.max_new_tokens  # chunk_size may have halved
@@ -706,13 +725,13 @@ def generate(model, tokenizer, prompts, args: Args, eos_ids, temperature, greedy
     bar.close()
     model.train()
     T = max(c.shape[1] for c in chunks)  # chunks stop at different lengths: right-pad to one T
-    completion_ids = torch.cat([torch.nn.functional.pad(c, (0, T - c.shape[1]), value=tokenizer.pad_token_id)
-                                for c in chunks])  # [N, T]
+    completion_ids, sampler_logp = (torch.cat([torch.nn.functional.pad(c, (0, T - c.shape[1]), value=value) for c in parts])
+                                    for parts, value in ((chunks, tokenizer.pad_token_id), (logps, 0.0)))  # [N, T]
     completion_mask, truncated = completion_mask_from_ids(completion_ids, eos_ids)
     texts = tokenizer.batch_decode([ids[mask.bool()] for ids, mask in zip(completion_ids, completion_mask)],
                                    skip_special_tokens=True)
-    return dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
-                completion_mask=completion_mask, truncated=truncated, texts=texts, generation_chunk=chunk_size)
+    return dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids, completion_mask=completion_mask,
+                truncated=truncated, sampler_logp=sampler_logp * completion_mask, texts=texts, generation_chunk=chunk_size)
 
 
 def concatenate_rollouts(parts, pad_id) -> dict:
@@ -1029,12 +1048,13 @@ def loss_denominator(mask, agg, max_new_tokens=None):
 
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_low=0.2, clip_high=0.2, beta=0.04, agg="seq",
-              denominator=None, ratio_level="token", policy_mask=None):
+              denominator=None, ratio_level="token", policy_mask=None, sampler_logp=None, tis_cap=0.0):
     """The negated GRPO objective. logp/old_logp/ref_logp/mask [N, T], advantages [N]; ref_logp may be
     None when beta == 0. denominator: the batch-wide normalizer (loss_denominator) when this is one
     micro-batch of a larger batch; None computes it from this batch. ratio_level "sequence": GSPO's one
     ratio per completion. policy_mask [N, T]: 0/1, the tokens whose policy term counts (the KL term
-    counts all of mask); None: all. Returns (loss, stats)."""
+    counts all of mask); None: all. sampler_logp [N, T]: log π_sampler of the sampled tokens (generate's
+    record); with tis_cap C > 0 the policy term is weighted by min(π_old / π_sampler, C). Returns (loss, stats)."""
     A = advantages[:, None]  # [N, 1], one advantage for every token of a completion
     ratio = torch.exp(logp - old_logp)  # [N, T], π_θ / π_old; exactly 1 when old_logp = logp.detach()
     if ratio_level == "sequence":
@@ -1050,6 +1070,8 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_low=0.2, clip_hig
         kl = torch.zeros_like(logp)
     if policy_mask is not None:  # high-entropy tokens only (Wang et al. 2025, "Beyond the 80/20 Rule"); KL on all
         surrogate = surrogate * policy_mask
+    if sampler_logp is not None and tis_cap > 0:  # truncated importance sampling (Yao et al. 2025); no gradient
+        surrogate = surrogate * torch.clamp(torch.exp(old_logp - sampler_logp), max=tis_cap)  # [N, T], min(π_old/π_sampler, C)
     per_token_objective = surrogate - beta * kl  # [N, T]
     per_token_loss = -per_token_objective * mask  # [N, T]: maximise the objective = minimise its negative
     if agg == "seq":
@@ -1071,6 +1093,11 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_low=0.2, clip_hig
                  "ratio_mean": float((ratio * mask).sum() / tokens),
                  "tokens": float(mask.sum())}
         stats["clip_frac"] = stats["clip_frac_low"] + stats["clip_frac_high"]
+        if sampler_logp is not None:  # the sampler's gap per trained token; k3 of KL(π_sampler ‖ π_old) as for the KL term
+            gap = ((old_logp - sampler_logp) * mask).double()  # [N, T] log(π_old / π_sampler); k3 ≈ gap²/2 needs float64
+            stats.update(sampler_logp_abs_diff=float(gap.abs().sum() / tokens),
+                         sampler_kl=float((gap.exp() - gap - 1).sum() / tokens),
+                         tis_capped_frac=float(((gap.exp() > tis_cap) * mask).sum() / tokens) if tis_cap > 0 else 0.0)
     return loss, stats
 
 
@@ -1152,7 +1179,7 @@ def accumulate_gradients(model, batch, args: Args, temperature, denominator):
         old_logp = micro["old_logp"] if "old_logp" in micro else logp.detach()
         loss, stats = grpo_loss(logp, old_logp, micro.get("ref_logp"), micro["advantages"], micro["loss_mask"],
                                 args.clip_low, args.clip_high, args.beta, args.agg, denominator, args.ratio_level,
-                                micro.get("policy_mask"))
+                                micro.get("policy_mask"), micro.get("sampler_logp"), args.tis_cap)
         loss.backward()
         stats["entropy"] = float((entropy * micro["loss_mask"]).sum() / micro["loss_mask"].sum().clamp(min=1))
         stats["loss"] = float(loss.detach()) * denominator  # un-normalised, so the sums below add up
@@ -1371,12 +1398,10 @@ def grpo_step(step, train_items, model, sampler, tokenizer, optimizer, scheduler
     # 4. Group advantages, and the loss mask that says which tokens train. --dynamic-sampling: the batch is the
     # informative groups alone, as if only they had been sampled.
     rewards, advantages, loss_mask, zero_std = advantages_and_loss_mask(scores["rewards"], rollout, args)
-    batch = {"prompt_ids": rollout["prompt_ids"], "prompt_mask": rollout["prompt_mask"],
-             "completion_ids": rollout["completion_ids"], "completion_mask": rollout["completion_mask"],
-             "loss_mask": loss_mask, "advantages": advantages}
+    batch = {**{k: v for k, v in rollout.items() if torch.is_tensor(v)}, "loss_mask": loss_mask, "advantages": advantages}
     if args.dynamic_sampling:
         batch = select_rows(batch, ~zero_std.repeat_interleave(args.group_size))
-    batch = {k: v.to(device) for k, v in batch.items()}
+    batch = {k: v.to(device) for k, v in batch.items()}  # ids, masks and sampler_logp [N, T]; truncated, advantages [N]
 
     # 5. Reference (adapters off) and, for μ > 1, old log-probs: computed once, before any update.
     reference_start, retry = time.time(), dict(log=log, save=save)
@@ -1484,6 +1509,8 @@ def step_metrics(result, args: Args, world_size=1) -> dict:
             "loss/clip_frac": token_mean("clip_frac"), "loss/clip_frac_low": token_mean("clip_frac_low"),
             "loss/clip_frac_high": token_mean("clip_frac_high"), "loss/ratio_mean": token_mean("ratio_mean"),
             "policy/entropy": token_mean("entropy"),
+            **({"sampler/logp_abs_diff": token_mean("sampler_logp_abs_diff"), "sampler/kl": token_mean("sampler_kl"),
+                "sampler/tis_capped_frac": token_mean("tis_capped_frac")} if "sampler_kl" in result["stats"] else {}),
             "loss/grad_norm": result["grad_norm"], "loss/trained_tokens": int(sum(tokens)),
             "optim/lr": result["lr"], "rollout/temperature": result["temperature"],
             "time/generate_s": seconds["generate"], "time/reference_s": seconds["reference"],
@@ -1634,7 +1661,8 @@ def plot_metrics(run_dir):
     means = [key for key in dict.fromkeys(key for r in records for key in r) if REWARD_FUNCTION_MEAN.fullmatch(key)]
     panels = [("reward/mean", "reward")] + [(key, f"{key[7:]} (train)") for key in means] + [
               ("eval/accuracy_strict", "eval accuracy"), ("completions/mean_length", "completion length"),
-              ("loss/kl", "KL to reference"), ("policy/entropy", "policy entropy")]
+              ("loss/kl", "KL to reference"), ("policy/entropy", "policy entropy"),
+              ("sampler/logp_abs_diff", "sampler vs policy |Δ log p|")]
     # Only panels with data: a run without evaluation gets no empty "eval accuracy" frame.
     panels = [(key, title) for key, title in panels if any(key in r for r in records)]
     if not panels:

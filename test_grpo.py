@@ -85,8 +85,8 @@ def randomize_lora(model, seed=0, scale=0.05):
                 p.copy_(torch.randn(p.shape, generator=generator) * scale)
 
 
-def rollout_batch(model, tokenizer, args, prompts=("What is 2 + 3?", "Name a colour.")):
-    """Real generate on the tiny model -> the batch dict the training step uses."""
+def rollout_batch(model, tokenizer, args, prompts=("What is 2 + 3?", "Name a colour."), keep=()):
+    """Real generate on the tiny model -> the batch dict the training step uses (and the rollout's keys in keep)."""
     eos_ids = grpo.end_of_sequence_ids(model, tokenizer)
     texts = [grpo.build_prompt({"prompt": p, "answer": "1"}, tokenizer) for p in prompts for _ in range(args.group_size)]
     torch.manual_seed(0)
@@ -95,7 +95,7 @@ def rollout_batch(model, tokenizer, args, prompts=("What is 2 + 3?", "Name a col
     advantages = torch.linspace(-1.5, 1.5, n)
     return {"prompt_ids": rollout["prompt_ids"], "prompt_mask": rollout["prompt_mask"],
             "completion_ids": rollout["completion_ids"], "completion_mask": rollout["completion_mask"],
-            "loss_mask": rollout["completion_mask"].clone(), "advantages": advantages}
+            "loss_mask": rollout["completion_mask"].clone(), "advantages": advantages, **{k: rollout[k] for k in keep}}
 
 
 def lora_grads(model):
@@ -241,10 +241,11 @@ def test_token_logprobs_default_chunking_follows_the_memory_budget():
 
 
 def slow_grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_low, clip_high, beta, agg, max_tokens,
-                   sequence_ratio=False, policy_mask=None):
+                   sequence_ratio=False, policy_mask=None, sampler_logp=None, tis_cap=0.0):
     """The GRPO objective one token at a time, in float64 python numbers. sequence_ratio: GSPO's ratio, the
     geometric mean of the sequence's token ratios (its trained tokens). policy_mask: tokens whose clipped
-    term counts (the KL term counts on every trained token)."""
+    term counts (the KL term counts on every trained token). sampler_logp, tis_cap: the clipped term times
+    the truncated importance weight min(π_old / π_sampler, C)."""
     N, T = len(logp), len(logp[0])
     per_sequence, total, tokens = [], 0.0, 0
     for i in range(N):
@@ -259,6 +260,8 @@ def slow_grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_low, clip_hi
             objective = min(ratio * advantages[i], clipped * advantages[i])
             if policy_mask is not None and not policy_mask[i][t]:
                 objective = 0.0
+            if sampler_logp is not None and tis_cap > 0:
+                objective *= min(math.exp(old_logp[i][t]) / math.exp(sampler_logp[i][t]), tis_cap)
             if beta:
                 d = ref_logp[i][t] - logp[i][t]
                 objective -= beta * (math.exp(d) - d - 1)
@@ -346,6 +349,69 @@ def test_sequence_ratio_and_policy_mask_match_the_loop_in_value_and_gradient(agg
         up[i, t] += epsilon
         down[i, t] -= epsilon
         assert float(gradient[i, t]) == pytest.approx((slow(up) - slow(down)) / (2 * epsilon), rel=1e-5, abs=1e-8)
+
+
+@pytest.mark.parametrize("agg", ["seq", "token", "dr_grpo"])
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+def test_truncated_importance_sampling_matches_the_loop_in_value_gradient_and_stats(agg, ratio_level):
+    torch.manual_seed(6)
+    N, T, cap = 6, 7, 2.0
+    logp = (torch.randn(N, T) - 2).double().requires_grad_()
+    old_logp = logp.detach() + torch.randn(N, T).double() * 0.3
+    ref_logp = logp.detach() + torch.randn(N, T).double() * 0.3
+    sampler_logp = old_logp + torch.randn(N, T).double() * 0.8  # weights π_old/π_sampler from ~0.1 to ~10: some capped
+    advantages, mask = torch.randn(N).double(), (torch.rand(N, T) > 0.25).double()
+    mask[2] = 0  # a sequence with no trained token
+    slow = lambda lp, c=cap: slow_grpo_loss(lp.tolist(), old_logp.tolist(), ref_logp.tolist(), advantages.tolist(),  # noqa: E731
+                                            mask.tolist(), 0.2, 0.28, 0.05, agg, T, ratio_level == "sequence", None,
+                                            sampler_logp.tolist(), c)
+    loss, stats = grpo.grpo_loss(logp, old_logp, ref_logp, advantages, mask, 0.2, 0.28, 0.05, agg,
+                                 grpo.loss_denominator(mask, agg, T), ratio_level, None, sampler_logp, cap)
+    assert float(loss.detach()) == pytest.approx(slow(logp.detach()), rel=1e-9, abs=1e-12)
+    assert abs(slow(logp.detach()) - slow(logp.detach(), 0.0)) > 1e-3  # the weights really change the loss
+    (gradient,) = torch.autograd.grad(loss, logp)
+    epsilon = 1e-6  # central differences of the slow loop: the weight itself carries no gradient
+    for i, t in [(0, 0), (1, 3), (3, 4), (5, 6), (2, 1)]:
+        up, down = logp.detach().clone(), logp.detach().clone()
+        up[i, t] += epsilon
+        down[i, t] -= epsilon
+        assert float(gradient[i, t]) == pytest.approx((slow(up) - slow(down)) / (2 * epsilon), rel=1e-5, abs=1e-8)
+    # The sampler metrics, token by token: |log π_old - log π_sampler|, k3 of KL(π_sampler ‖ π_old), capped share.
+    trained = [(i, t) for i in range(N) for t in range(T) if mask[i, t]]
+    gaps = [float(old_logp[i, t] - sampler_logp[i, t]) for i, t in trained]
+    assert stats["sampler_logp_abs_diff"] == pytest.approx(sum(map(abs, gaps)) / len(gaps), rel=1e-9)
+    assert stats["sampler_kl"] == pytest.approx(sum(math.exp(g) - g - 1 for g in gaps) / len(gaps), rel=1e-9)
+    assert stats["tis_capped_frac"] == pytest.approx(sum(math.exp(g) > cap for g in gaps) / len(gaps))
+    assert 0 < stats["tis_capped_frac"] < 1
+
+
+def test_truncated_importance_sampling_with_a_sampler_identical_to_the_policy_changes_nothing(tiny_model_dir,
+                                                                                            model_and_tokenizer):
+    # In the loss: sampler = π_old gives weight exactly 1, so the very same loss and gradient as without it.
+    torch.manual_seed(7)
+    logp = (torch.randn(5, 6) - 2).requires_grad_()
+    ref_logp, advantages, mask = logp.detach() + 0.1 * torch.randn(5, 6), torch.randn(5), (torch.rand(5, 6) > 0.3).float()
+    results = [grpo.grpo_loss(logp, logp.detach(), ref_logp, advantages, mask, beta=0.04, sampler_logp=sampler, tis_cap=2.0)
+               for sampler in (None, logp.detach().clone())]
+    gradients = [torch.autograd.grad(loss, logp)[0] for loss, _ in results]
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(gradients[0], gradients[1])
+    assert results[1][1]["sampler_kl"] == 0.0 and results[1][1]["sampler_logp_abs_diff"] == 0.0
+    # End to end, μ = 1: the 4-bit + LoRA policy samples (its log-probs recorded by generate with a KV cache) and
+    # trains (the policy pass's own log-probs): the same gradient with --tis-cap 2 as with 0, to float32 rounding.
+    model, tokenizer = model_and_tokenizer
+    randomize_lora(model, scale=0.5)
+    args = tiny_args(tiny_model_dir, beta=0.0)
+    batch = rollout_batch(model, tokenizer, args, keep=("sampler_logp",))
+    gradients, stats = [], []
+    for cap in (0.0, 2.0):
+        model.zero_grad(set_to_none=True)
+        denominator = grpo.loss_denominator(batch["loss_mask"], args.agg)
+        stats.append(grpo.accumulate_gradients(model, batch, dataclasses.replace(args, tis_cap=cap), 1.0, denominator))
+        gradients.append(lora_grads(model))
+    assert stats[1]["sampler_logp_abs_diff"] < 1e-5 and stats[1]["tis_capped_frac"] == 0.0
+    for name, gradient in gradients[0].items():  # weights 1 ± 1e-6: float32 rounding of the largest entry, no more
+        assert (gradient - gradients[1][name]).abs().max() <= 1e-5 * gradient.abs().max(), name
+    assert max(float(g.abs().max()) for g in gradients[0].values()) > 0
 
 
 @pytest.mark.parametrize("agg", ["seq", "token", "dr_grpo"])
@@ -1251,26 +1317,106 @@ def chi_square_fits(counts, probs, draws):
     return statistic, dof, statistic < dof + 5 * math.sqrt(2 * dof)
 
 
+@pytest.mark.parametrize("method", ["inverse_cdf", "multinomial"])
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (1.3, 0.9), (1.0, 0.5)])
-def test_inverse_cdf_sampler_draws_the_exact_tempered_nucleus_distribution(temperature, top_p, monkeypatch):
+def test_token_sampler_draws_the_exact_tempered_nucleus_distribution_and_records_its_logprobs(temperature, top_p,
+                                                                                              method, monkeypatch):
     """200,000 draws over a 100-token vocabulary in blocks of 16 (six full blocks and a tail of four, so
-    both levels of the draw and the tail are exercised): the counts fit the float64 probabilities, and
-    tokens outside the nucleus are never drawn."""
+    both levels of the inverse-CDF draw and the tail are exercised): the counts fit the float64 probabilities,
+    tokens outside the nucleus are never drawn, and each recorded log-prob is the float64 log-probability of
+    the token drawn."""
     monkeypatch.setattr(grpo, "INVERSE_CDF_BLOCK", 16)
     generator = torch.Generator().manual_seed(1)
     logits = torch.randn(100, generator=generator) * 2.0  # [V], no ties
     probs = exact_sampling_probabilities(logits, temperature, top_p)
-    sample = grpo.inverse_cdf_sampler(temperature, top_p)
+    record = []
+    sample = grpo.token_sampler(temperature, top_p, method, record)
     torch.manual_seed(0)
     counts = torch.zeros(100, dtype=torch.long)
     for _ in range(4):  # 4 calls of 50,000 rows: the draws of separate calls must be independent too
         scores = sample(None, logits.repeat(50_000, 1))  # [rows, V]: 0 at the drawn token, -inf elsewhere
         assert (scores == 0).sum(dim=1).eq(1).all() and torch.isinf(scores).sum() == scores.numel() - 50_000
         counts += torch.bincount(scores.argmax(dim=1), minlength=100)
+        assert record[-1].shape == (50_000,) and record[-1].dtype == torch.float32  # [n] per step, nothing [n, V]
+        assert (record[-1].double() - probs.log()[scores.argmax(dim=1)]).abs().max() < 2e-6
     assert counts[probs == 0].sum() == 0
     statistic, dof, fits = chi_square_fits(counts, probs, 200_000)
     assert fits, f"chi-square {statistic:.1f} with {dof} dof"
     assert 0.5 * float((counts / 200_000 - probs).abs().sum()) < 0.01  # total variation
+
+
+def test_token_sampler_multinomial_draws_the_tokens_of_generates_own_sampling(tiny_model_dir, model_and_tokenizer):
+    # The GPU path (and --cpu-sampler multinomial): greedy generate + token_sampler must be generate's own
+    # sampling, draw for draw, from the same seed (temperature, top-p, a row ending at EOS). At temperature 0.05 the
+    # nucleus is a few tokens: applying top-p and temperature in the other order would draw outside it.
+    model, tokenizer = model_and_tokenizer
+    randomize_lora(model, scale=0.5)
+    args = tiny_args(tiny_model_dir, max_new_tokens=10, top_p=0.9, cpu_sampler="multinomial")
+    prompts = ["What is 2 + 3?", "Name a colour, any colour you like, and say why.", "Count: 1, 2, 3"]
+    eos_ids = grpo.end_of_sequence_ids(model, tokenizer)
+    torch.manual_seed(0)
+    ours = grpo.generate(model, tokenizer, prompts, args, eos_ids, temperature=0.05)
+    stop = int(ours["completion_ids"][0, 3])  # row 0 now ends at this token's first place (at the latest its 4th)
+    eos_ids, ends = eos_ids + [stop], int((ours["completion_ids"][0] == stop).nonzero()[0]) + 1
+    torch.manual_seed(0)
+    ours = grpo.generate(model, tokenizer, prompts, args, eos_ids, temperature=0.05)
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    torch.manual_seed(0)
+    theirs = model.generate(**encoded, do_sample=True, temperature=0.05, top_p=0.9, top_k=0, max_new_tokens=10,
+                            eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id)[:, encoded["input_ids"].shape[1]:]
+    assert torch.equal(ours["completion_ids"], theirs) and ours["completion_mask"][0].sum() == ends
+    assert ours["completion_mask"][1:].sum() > ends  # the other rows go on
+
+
+def float64_sampler_logprobs(dense64, rollout, temperature, top_p):
+    """log π_sampler of every sampled token, recomputed independently: a float64 copy of the policy over each
+    whole sequence (no KV cache), logits / T in float64, the nucleus by a descending sort, one token at a time."""
+    ids = torch.cat([rollout["prompt_ids"], rollout["completion_ids"]], 1)
+    attention = torch.cat([rollout["prompt_mask"], torch.ones_like(rollout["completion_ids"])], 1)
+    with torch.no_grad():
+        logits = dense64(input_ids=ids, attention_mask=attention, position_ids=(attention.cumsum(1) - 1).clamp(min=0)).logits
+    P = rollout["prompt_ids"].shape[1]
+    expected = torch.zeros(rollout["completion_ids"].shape, dtype=torch.float64)
+    for i, t in rollout["completion_mask"].nonzero().tolist():
+        probs, token = torch.softmax(logits[i, P - 1 + t] / temperature, dim=0), int(rollout["completion_ids"][i, t])  # [V]
+        if top_p < 1:  # keep the most probable tokens up to the one whose cumulative probability reaches top_p
+            order = torch.argsort(probs, descending=True)
+            kept = torch.zeros_like(probs).index_fill_(0, order[: int((torch.cumsum(probs[order], 0) < top_p).sum()) + 1], 1)
+            probs = probs * kept / (probs * kept).sum()
+        expected[i, t] = math.log(probs[token])  # -inf for a token outside the nucleus
+    return expected
+
+
+def test_generate_records_the_samplers_logprobs_for_both_samplers_and_every_cpu_sampler(tiny_model_dir,
+                                                                                        model_and_tokenizer):
+    # sampler_logp against a float64 recomputation, for the 4-bit + LoRA policy and the merged dense copy, each with
+    # both CPU draws, each draw with and without temperature and top-p; prompts of different lengths (left padding),
+    # two chunks, and a row that ends early: right-padded with 0 after each completion's end, like completion_mask.
+    model, tokenizer = model_and_tokenizer
+    randomize_lora(model, scale=0.5)
+    dense = grpo.build_generation_model(model)
+    dense64 = grpo.build_generation_model(model).double()
+    prompts = ["What is 2 + 3?", "Name a colour, any colour you like, and say why.", "Count: 1, 2, 3", "Hi"]
+    eos_ids = grpo.end_of_sequence_ids(model, tokenizer)
+    cases = [(model, "inverse_cdf", 1.0, 1.0), (model, "multinomial", 0.05, 0.9), (dense, "inverse_cdf", 0.05, 0.9),
+             (dense, "multinomial", 1.0, 1.0)]
+    for number, (sampler, cpu_sampler, temperature, top_p) in enumerate(cases):
+        args = tiny_args(tiny_model_dir, max_new_tokens=10, top_p=top_p, cpu_sampler=cpu_sampler, generation_chunk=3)
+        torch.manual_seed(0)
+        rollout = first = grpo.generate(sampler, tokenizer, prompts, args, eos_ids, temperature=temperature)
+        if number == 0:  # again, with row 0 ending while rows 1, 2 go on, and row 3 (alone in chunk 2) ending early
+            torch.manual_seed(0)
+            stops = [int(first["completion_ids"][0, 5]), int(first["completion_ids"][3, 3])]
+            rollout = grpo.generate(sampler, tokenizer, prompts, args, eos_ids + stops, temperature=temperature)
+            ends = [int(torch.isin(row, torch.tensor(stops)).int().argmax()) + 1 if torch.isin(row, torch.tensor(stops)).any()
+                    else 10 for row in first["completion_ids"]]  # each row up to its first stop token
+            assert rollout["completion_mask"].sum(1).tolist() == ends and ends[0] <= 6 and ends[3] <= 4 and 10 in ends[1:3]
+        recorded, mask = rollout["sampler_logp"], rollout["completion_mask"].bool()
+        assert recorded.dtype == torch.float32 and recorded.shape == rollout["completion_ids"].shape
+        assert torch.equal(recorded[~mask], torch.zeros(int((~mask).sum())))
+        expected = float64_sampler_logprobs(dense64, rollout, temperature, top_p)
+        assert (recorded.double() - expected)[mask].abs().max() < 1e-4, (number, float((recorded.double() - expected)[mask].abs().max()))
+        assert expected[mask].std() > 0.1  # log-probs worth comparing: not all one value
 
 
 @pytest.mark.parametrize("cpu_sampler", ["inverse_cdf", "multinomial"])
@@ -2245,8 +2391,40 @@ def test_bench_decoding_loop_samples_exactly_what_generate_samples(tiny_model_di
         assert runs[0]["completion_mask"][0].sum() == 4 and runs[0]["completion_mask"][1:].sum() > 8
 
 
+@pytest.mark.skipif(not bench.continuous_batching_available(), reason="this transformers has no generate_batch")
+def test_bench_continuous_batching_decodes_greedily_like_generate_and_records_the_samplers_logprobs(tiny_model_dir,
+                                                                                                 model_and_tokenizer):
+    # bench.batch_generate (transformers' generate_batch: paged attention, a scheduler) as a drop-in for generate in
+    # grpo.generate, for both samplers: the same greedy tokens as generate, with prompts of different lengths and a
+    # row that ends at EOS (pad after it, the others go on); sampling records the log-probs of the drawn tokens,
+    # which equal the policy's own (float32 on a CPU: both samplers are the policy up to rounding).
+    model, tokenizer = model_and_tokenizer
+    randomize_lora(model, scale=0.5)
+    prompts = ["What is 2 + 3?", "Name a colour, any colour you like, and say why.", "Count: 1, 2, 3"]
+    args = tiny_args(tiny_model_dir, max_new_tokens=10, beta=0.0)
+    for sampler in (grpo.build_generation_model(model), model):
+        eos_ids = grpo.end_of_sequence_ids(model, tokenizer)
+        eos_ids.append(int(grpo.generate(sampler, tokenizer, prompts, args, eos_ids, 1.0, greedy=True)["completion_ids"][0, 3]))
+        expected = grpo.generate(sampler, tokenizer, prompts, args, eos_ids, 1.0, greedy=True)
+        sampler.generate = functools.partial(bench.batch_generate, sampler)
+        try:
+            got = grpo.generate(sampler, tokenizer, prompts, args, eos_ids, 1.0, greedy=True)
+            torch.manual_seed(0)
+            sampled = grpo.generate(sampler, tokenizer, prompts, args, eos_ids, temperature=1.0)
+        finally:
+            del sampler.generate  # back to the class's generate
+        assert torch.equal(got["completion_ids"], expected["completion_ids"]) and got["texts"] == expected["texts"]
+        assert got["completion_mask"][0].sum() == 4 and got["completion_mask"][1:].sum() == 20
+        mask = sampled["completion_mask"].bool()
+        policy = grpo.batch_logprobs(model, {k: v for k, v in sampled.items() if torch.is_tensor(v)}, args, 1.0)
+        assert (sampled["sampler_logp"] - policy)[mask].abs().max() < 1e-4 and sampled["sampler_logp"][mask].std() > 0.01
+        assert torch.equal(sampled["sampler_logp"][~mask], torch.zeros(int((~mask).sum())))
+
+
 def test_merged_sampler_and_activation_offload_run_in_main(tiny_model_dir, gsm8k_few, tmp_path, monkeypatch):
-    common = dict(data=gsm8k_few, out_dir=str(tmp_path), steps=2, lr_schedule="constant", seed=4)
+    # --tis-cap 0: the importance weights of these float32 samplers are 1 ± 1e-6, noise that Adam magnifies where a
+    # gradient element is near its eps; the runs compare the samplers and offload, with one formula.
+    common = dict(data=gsm8k_few, out_dir=str(tmp_path), steps=2, lr_schedule="constant", seed=4, tis_cap=0.0)
     plain = run_main_with_random_rewards(tiny_args(tiny_model_dir, run_name="plain", **common))
     offload = run_main_with_random_rewards(tiny_args(tiny_model_dir, run_name="offload", offload_activations=True, **common))
     # Watch the dense copy main builds: while the policy trains it must hold none of its own block weights
@@ -2277,6 +2455,13 @@ def test_merged_sampler_and_activation_offload_run_in_main(tiny_model_dir, gsm8k
     for other in (offload, merged):
         b = adapter_tensors(other["model"])
         assert all(torch.allclose(a[n], b[n], rtol=1e-5, atol=1e-9) for n in a)
+    # The sampler's gap to the policy is logged at every step (float32 on a CPU: both samplers are the policy up to
+    # rounding), in metrics.jsonl and in the plot.
+    for run in ("plain", "merged"):
+        records = [json.loads(line) for line in open(tmp_path / run / "metrics.jsonl")]
+        assert len(records) == 2 and all(r["sampler/logp_abs_diff"] < 1e-4 and r["sampler/kl"] < 1e-8 for r in records)
+    if importlib.util.find_spec("matplotlib"):
+        assert "sampler/logp_abs_diff" in grpo.main(grpo.Args(plot=str(tmp_path / "merged")))
 
 
 # -----------------------------------------------------------------------------
@@ -2445,20 +2630,23 @@ def test_suite_bench_writes_every_figure_as_it_goes_and_respects_its_budget(tmp_
              "--decode-new-tokens", "4", "--decode-check", "6"]
     run_bench("suite", "--config", str(config), "--tokenizer", tokenizer_dir, "--device", "cpu", "--out", str(out),
               "--models-dir", str(tmp_path / "models"), "--slice-layers", "1", "--budget-s", "600",
-              "--only", "gather,decode-slice,slice-graph,full-ours,full-long", *sizes, timeout=600)
+              "--only", "gather,decode-slice,slice-graph,slice-paged,full-ours,full-long", *sizes, timeout=600)
     results = json.loads((out / "suite.json").read_text())
     by_name = {m["name"]: m for m in results["measurements"]}
-    assert list(by_name) == ["gather", "decode-slice", "slice-graph", "full-ours", "full-long"]
+    assert list(by_name) == ["gather", "decode-slice", "slice-graph", "slice-paged", "full-ours", "full-long"]
     graph_steps = [r for r in by_name["slice-graph"]["records"] if "step_seconds" in r]
     # CPU: no graph; the merged sampler, then the 4-bit policy as the sampler
     assert [(r["variant"], r["sampler"], r["decode"], r["generated_tokens"]) for r in graph_steps] == \
         [("graph", "merged", "static-loop", 2 * 2 * 4)] * 2 + [("graph policy", "policy", "static-loop", 2 * 2 * 4)] * 2
+    paged_steps = [r for r in by_name["slice-paged"]["records"] if "step_seconds" in r]  # continuous batching, EOS off
+    assert [(r["variant"], r["sampler"], r["decode"], r["generated_tokens"]) for r in paged_steps] == \
+        [("paged", "merged", "continuous-batching", 2 * 2 * 4)] * 2 + [("paged policy", "policy", "continuous-batching", 2 * 2 * 4)] * 2
     # Every decoding variant that runs on a CPU samples greedily exactly what generate does (our own loop on a
     # static cache included: its positions, cache slots and mask); CUDA graphs need CUDA and say so.
     decode = {r["variant"]: r for r in by_name["decode-slice"]["records"]}
     assert set(decode) == set(bench.DECODE_VARIANTS)
     assert decode["cuda-graph"]["skipped"].startswith("CUDA graphs need")
-    for variant in ("generate-sdpa", "generate", "generate-static", "static-loop"):
+    for variant in ("generate-sdpa", "generate", "generate-static", "static-loop", "continuous-batching"):
         assert decode[variant]["greedy_tokens_equal_to_generate"] == 1.0 and decode[variant]["ms_per_decode_step"] > 0
     assert decode["static-loop"]["layers"] == 1 and decode["static-loop"]["batch"] == 4
     gather = next(r for r in by_name["gather"]["records"] if isinstance(r.get("gather"), list))
