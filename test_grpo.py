@@ -31,7 +31,7 @@ import verify
 ROOT = Path(__file__).resolve().parent
 GSM8K_SAMPLE = ROOT / "data" / "gsm8k_sample.jsonl"  # GSM8K's first 64 train problems (MIT, data/LICENSE-gsm8k)
 QWEN_14B_CONFIG = ROOT / "data" / "qwen2.5-14b-config.json"  # the architecture only, no weights
-_spec = importlib.util.spec_from_file_location("countdown", ROOT / "examples" / "countdown.py")
+_spec = importlib.util.spec_from_file_location("countdown", ROOT / "data" / "countdown.py")
 countdown = importlib.util.module_from_spec(_spec)  # the worked example of a task of one's own
 _spec.loader.exec_module(countdown)
 
@@ -2052,7 +2052,7 @@ def test_countdown_example_scores_its_solutions_and_refuses_everything_else():
 
 def test_countdown_trains_end_to_end_through_main_with_its_reward_and_the_builtin_format(tiny_model_dir, tmp_path):
     args = tiny_args(tiny_model_dir, data=str(ROOT / "data" / "countdown.jsonl"), out_dir=str(tmp_path), run_name="cd",
-                     samples_per_step=8, reward=(str(ROOT / "examples" / "countdown.py") + ":countdown_reward", "format=0.1"))
+                     samples_per_step=8, reward=(str(ROOT / "data" / "countdown.py") + ":countdown_reward", "format=0.1"))
     grpo.main(args)
     items = {item["prompt"]: item for item in (json.loads(line) for line in open(ROOT / "data" / "countdown.jsonl"))}
     records = [json.loads(line) for line in open(tmp_path / "cd" / "samples.jsonl")]

@@ -5,11 +5,11 @@ data/countdown.jsonl, one per line: {"prompt", "numbers", "target", "solution"};
 below, written in TRL's form, so the same function works with TRL's GRPOTrainer(reward_funcs=...) unchanged:
 
     python grpo.py --data data/countdown.jsonl --eval-every 0 \\
-        --reward examples/countdown.py:countdown_reward --reward format=0.1
+        --reward data/countdown.py:countdown_reward --reward format=0.1
 
 (`format` is grpo.py's built-in format reward: one final \\boxed{}.) To make more items:
 
-    python examples/countdown.py 64 --seed 1 > data/my_countdown.jsonl
+    python data/countdown.py 64 --seed 1 > data/my_countdown.jsonl
 """
 
 import ast
