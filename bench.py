@@ -1,5 +1,5 @@
 """
-bench.py -- measurements behind the README's Performance section (docs/performance.md). Six subcommands:
+bench.py -- the measurements behind docs/performance.md. Six subcommands:
 
   python bench.py gather [--tokens 4096 --hidden 128 --vocab 151936 --dtype float32]
       The log-prob gather alone, forward + backward (hidden gets a gradient, the lm_head weight does
@@ -73,7 +73,7 @@ bench.py -- measurements behind the README's Performance section (docs/performan
 
   python bench.py suite [--config data/qwen2.5-14b-config.json --budget-s 480 --out runs/suite
                         --slice-layers 8 --only NAMES]
-      The whole GPU measurement as one budgeted command (README "Full size on a GPU"): the gather at the
+      The whole GPU measurement as one budgeted command (docs/performance.md, "Full size on one H200"): the gather at the
       config's shape, our step and TRL's (`bench.py trl`) side by side on a slice of the
       config with fewer layers, our step at full size, 2,048 new tokens with and without
       --offload-activations on one rollout, the 4-bit sampler at full size, and both samplers with the

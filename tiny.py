@@ -5,7 +5,7 @@ Tiny random Qwen2 models and a toy task, for CPU runs and the tests (no download
     python tiny.py model runs/tiny-qwen --tokenizer DIR    # the same with a real tokenizer (e.g. Qwen2.5's)
     python tiny.py model runs/tiny-chat --tokenizer qwen-like  # with a small Qwen-like one built here (the tests')
     python tiny.py learn                                    # watch GRPO learn the toy task on a CPU
-    python tiny.py cpu-demo                                 # the README's CPU side by side (two samplers)
+    python tiny.py cpu-demo                                 # docs/performance.md's CPU side by side (two samplers)
     python tiny.py curves                                   # README's variant table and docs/learning_curve.png
 
 The models are saved like any Hugging Face model, so grpo.py loads them through exactly the path it
@@ -174,7 +174,7 @@ def learn(argv):
 
 
 def cpu_demo(argv):
-    """python tiny.py cpu-demo [--tokenizer DIR] [--data GSM8K_JSONL] [--steps 2] [--rounds 2]: the README's CPU
+    """python tiny.py cpu-demo [--tokenizer DIR] [--data GSM8K_JSONL] [--steps 2] [--rounds 2]: docs/performance.md's CPU
     side by side. The tiny Qwen2 (hidden 64, 2 layers) with the real Qwen2.5 tokenizer, 8 GSM8K prompts × G = 8,
     64 new tokens, micro-batch 16, β 0.04, LoRA r 16, 4-bit, through grpo.main with --cpu-sampler multinomial
     and inverse_cdf in turn (the same process, rounds interleaved). Prints each run's seconds per step and phase.
