@@ -12,11 +12,31 @@ it where ../shared is present, makes a missing file a failure instead).
 """
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent
+
+# `python -m pytest -n 2` (pytest-xdist, the README's command): each worker runs one torch thread, as do the
+# processes its tests start (they inherit it), so two workers fill two cores without oversubscribing them and a
+# run compared with a subprocess's uses the same thread count. Each worker has a temporary directory of its own
+# (sticky and world-writable like /tmp: the code sandbox's uid works under it), because test_verify.py checks
+# that a code run leaves nothing in the temporary directory: another worker's run must not be counted.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if WORKER:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    WORKER_TMP = tempfile.mkdtemp(prefix=f"grpo-tests-{WORKER}-")
+    os.chmod(WORKER_TMP, 0o1777)
+    os.environ["TMPDIR"] = WORKER_TMP
+    tempfile.tempdir = None  # tempfile looks again, and finds TMPDIR
+
+
+def pytest_unconfigure(config):
+    if WORKER:
+        shutil.rmtree(WORKER_TMP, ignore_errors=True)
 SHARED = Path(os.environ.get("GRPO_SHARED", ROOT.parent / "shared"))
 QWEN_TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"]
 SKIP_PREFIX = "needs_shared: "
