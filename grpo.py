@@ -46,11 +46,10 @@ Run it full size (Qwen2.5-14B, 4-bit, one 80 GB GPU):
 Run it tiny, on a CPU, offline (a random 2-layer Qwen2 and a toy task; see README):
     python tiny.py learn
 
-The file in order (each section opens with a `# ----` band): Config (Args) -> Data -> Model -> Rollout ->
-Reward -> Log-probs -> GRPO core -> Update -> Schedules -> Distributed -> One GRPO step (grpo_step, the
-six steps) -> Evaluation -> Logging -> Checkpoints -> main. To add a task: its items (jsonl) and a reward function
-in TRL's form in a file of your own, --reward FILE.py:FUNCTION (docs/rewards.md). To add a loss variant: the GRPO core
-section (group_advantages, grpo_loss), one Args field for its flag, and a test against a slow loop.
+Sections (`# ----` bands): Config -> Data -> Model -> Rollout -> Reward -> Log-probs -> GRPO core -> Update ->
+Schedules -> Distributed -> One GRPO step (grpo_step) -> Evaluation -> Logging -> Checkpoints -> main. A task of
+your own: its items (jsonl) and a reward function in TRL's form, --reward FILE.py:FUNCTION (docs/rewards.md). A loss
+variant: the GRPO core (group_advantages, grpo_loss), one Args field for its flag, a test against a slow loop.
 """
 
 import argparse
@@ -381,22 +380,17 @@ def data_indices(position, count, num_items, seed) -> list[int]:
 # Model: the base in 4-bit NF4 (frozen), LoRA adapters on every block linear (trained). Plumbing.
 
 
-def model_config_and_size(model_name):
-    """A model's config and parameter count, from the config alone (built on the meta device: no memory, no weights)."""
+def check_model_fits(args: Args, device):
+    """Say so before loading anything when a multi-billion-parameter model is asked for without a GPU. The size
+    comes from the config alone (the model built on the meta device: no memory, no weights)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     try:
-        config = AutoConfig.from_pretrained(model_name)
+        config = AutoConfig.from_pretrained(args.model)
     except Exception as e:  # many exception types: missing dir, no network, bad json
-        fail(f"--model {model_name}: not a local model directory nor reachable on the Hugging Face Hub "
+        fail(f"--model {args.model}: not a local model directory nor reachable on the Hugging Face Hub "
              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
     with torch.device("meta"):
-        meta_model = AutoModelForCausalLM.from_config(config)
-    return config, sum(p.numel() for p in meta_model.parameters())
-
-
-def check_model_fits(args: Args, device):
-    """Say so before loading anything when a multi-billion-parameter model is asked for without a GPU."""
-    config, num_parameters = model_config_and_size(args.model)
+        num_parameters = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
     if device.type != "cuda" and num_parameters > 2e9:
         fail(f"--model {args.model} has {num_parameters / 1e9:.1f}B parameters and this machine has no GPU: "
              "train it on a CUDA GPU, or try the tiny CPU run (python tiny.py learn)")
@@ -405,12 +399,9 @@ def check_model_fits(args: Args, device):
 
 
 def silence_known_harmless_warnings():
-    """Two messages every run printed that say nothing is wrong, silenced by exact text (nothing else):
-    - bitsandbytes on a CPU with AVX512-BF16 tries an optional faster 4-bit kernel from the `kernels`
-      package at import and logs "Failed to load CPU gemm_4bit_forward from kernels-community" when it
-      is not installed; it then uses its own built-in CPU kernel, which is what we test with.
-    - peft's PeftModel.__init__ reads `model.is_gradient_checkpointing`, which transformers >= 5.24
-      deprecates with a FutureWarning on every call; it is peft's call, not ours (we use the new name)."""
+    """Two messages that say nothing is wrong, silenced by exact text (nothing else): bitsandbytes on an AVX512-BF16
+    CPU logs that the optional `kernels` package's 4-bit kernel is missing (its built-in one, which we test, runs);
+    peft reads `model.is_gradient_checkpointing`, which transformers >= 5.24 deprecates (peft's call, not ours)."""
     import logging
     import warnings
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
@@ -443,10 +434,8 @@ def load_model(args: Args, device: torch.device):
             if isinstance(module, bnb.nn.Linear4bit):
                 module.support_avx512bf16_for_cpu = False
     if args.gradient_checkpointing:
-        # Non-reentrant checkpointing works with frozen inputs (no enable_input_require_grads hack).
-        # It is only active in train mode: generate runs in eval mode and keeps its KV cache.
-        # transformers >= 5.24 calls it activation_checkpointing_enable; older ones (5.17 on many GPU
-        # images, 4.5x) only have gradient_checkpointing_enable. The same switch under either name.
+        # Non-reentrant: works with frozen inputs (no enable_input_require_grads hack). Active in train mode only,
+        # so generate (eval mode) keeps its KV cache. transformers >= 5.24 renamed it activation_checkpointing_enable.
         if hasattr(model, "activation_checkpointing_enable"):
             model.activation_checkpointing_enable({"use_reentrant": False})
         else:
@@ -478,11 +467,10 @@ def end_of_sequence_ids(model, tokenizer) -> list[int]:
 
 
 def decode_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
-    """transformers' sdpa attention, except for one query token with grouped KV heads (every decode step):
-    there, sdpa with a padding mask would first copy each KV head to its query heads (repeat_kv: the whole
-    KV cache, 5x at 14B, every layer and step); instead a KV head's query heads become the rows of one
-    query block, query [B, kv_heads, groups, D] against key/value [B, kv_heads, L, D], with no copy. (Newer
-    transformers do the same themselves.) Registered for the dense sampler only (build_generation_model)."""
+    """transformers' sdpa attention, except for one query token with grouped KV heads (every decode step): there,
+    sdpa with a padding mask would first copy each KV head to its query heads (repeat_kv: the whole KV cache, 5x at
+    14B, every layer and step); instead a KV head's query heads become the rows of one query block, with no copy
+    (newer transformers do the same). Registered for the dense sampler only (build_generation_model)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     groups = getattr(module, "num_key_value_groups", 1)
     batch, heads, length, dim = query.shape  # [B, heads, q, D]
@@ -511,11 +499,10 @@ def register_decode_attention() -> str:
 
 @torch.no_grad()
 def build_generation_model(model):
-    """A dense copy of the policy for sampling only (--generation-model merged; auto on CUDA). 4-bit decoding pays
-    a dequantize + two LoRA matmuls per linear per token; a dense copy decodes with plain GEMMs (measured on an
-    H200, 8-layer slice of 14B, 128 x 256 tokens: 5.0 s vs 8.3 s; README Performance). Costs 2 bytes per
-    block weight (26 GB at 14B) while it samples (released for the training passes); embeddings, norms and
-    lm_head are shared with the policy, not copied."""
+    """A dense copy of the policy for sampling only (--generation-model merged; auto on CUDA). 4-bit decoding pays a
+    dequantize + two LoRA matmuls per linear per token; a dense copy decodes with plain GEMMs (docs/performance.md:
+    5.0 s vs 8.3 s). Costs 2 bytes per block weight (26 GB at 14B) while it samples (released for the training
+    passes); embeddings, norms and lm_head are shared with the policy, not copied."""
     from transformers import AutoModelForCausalLM
     source = model.get_base_model()
     dtype = source.get_output_embeddings().weight.dtype  # the compute dtype: bf16 on GPU, float32 on CPU
@@ -549,7 +536,7 @@ def merged_linears(model, dense):
 @torch.no_grad()
 def refresh_generation_model(model, dense):
     """W = dequantize(W_nf4) + scaling·(B @ A) for every LoRA linear: the current policy, densely.
-    Called after every optimizer step, before the next rollout (re-allocating what release freed)."""
+    Called after every optimizer step, before the next rollout."""
     import bitsandbytes as bnb
     for module, original in merged_linears(model, dense):
         base = original.base_layer.weight
@@ -557,16 +544,13 @@ def refresh_generation_model(model, dense):
         for adapter in original.active_adapters:
             weight += original.scaling[adapter] * (original.lora_B[adapter].weight.float()
                                                    @ original.lora_A[adapter].weight.float())
-        if module.weight.numel() == 0:  # freed by release_generation_model for the training passes
-            module.weight.data = torch.empty(weight.shape, dtype=module.weight.dtype, device=weight.device)
-        module.weight.data.copy_(weight)  # rounded to the compute dtype once, here
+        module.weight.data = weight.to(module.weight.dtype)  # rounded once, here; (re)allocates what release freed
     return dense
 
 
 def release_generation_model(model, dense):
-    """Frees the dense copy's own weights once the rollout is sampled (2 bytes per block weight: 26 GB at
-    14B), so the reference and training passes do not hold them; refresh_generation_model allocates them
-    again after the update. Shared tensors (embeddings, norms, lm_head) are the policy's and stay."""
+    """Frees the dense copy's own weights once the rollout is sampled, so the reference and training passes do not
+    hold them; refresh_generation_model allocates them again after the update. Shared tensors stay."""
     for module, _ in merged_linears(model, dense):
         module.weight.data = torch.empty(0, dtype=module.weight.dtype, device=module.weight.device)
 
@@ -579,21 +563,16 @@ def completion_mask_from_ids(completion_ids, eos_ids):
     """mask[i, t] = 1 for tokens up to AND including the first EOS (EOS must be trained, or the policy
     never learns to stop); 0 after it. generate pads finished rows with pad, which may equal EOS:
     only the first EOS counts. Returns (mask [N, T] float, truncated [N] bool: no EOS at all)."""
-    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))  # [N, T]
-    truncated = ~is_eos.any(dim=1)  # [N]
-    T = completion_ids.shape[1]
-    first_eos = torch.where(truncated, T - 1, is_eos.int().argmax(dim=1))  # [N], argmax = first True
-    positions = torch.arange(T, device=completion_ids.device)  # [T]
-    mask = (positions[None, :] <= first_eos[:, None]).float()  # [N, T]
-    return mask, truncated
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device)).int()  # [N, T]
+    mask = (is_eos.cumsum(dim=1) - is_eos == 0).float()  # [N, T]: no EOS before t
+    return mask, is_eos.sum(dim=1) == 0
 
 
 def generation_chunk_size(config, sequences, prompt_tokens, max_new_tokens, free_bytes, dtype_bytes) -> int:
-    """Sequences per generate call that fit free_bytes. A decode step costs nearly the same for 16 rows as
-    for 128 (it reads every weight once either way), so fewer, larger chunks are faster. Per sequence:
-    its KV cache, 2 (K, V) x layers x kv_heads x head_dim x dtype bytes per token (192 KiB at 14B) for
-    P + T tokens; the prefill's MLP activations (~4 x intermediate per prompt token); and the sampler's
-    float32 [V] rows (logits, processors, top-p sort: ~8 copies). Chunks are balanced (200 -> 100 + 100)."""
+    """Sequences per generate call that fit free_bytes. A decode step costs nearly the same for 16 rows as for 128
+    (it reads every weight once either way), so fewer, larger chunks are faster. Per sequence: its KV cache (192 KiB
+    per token at 14B) for P + T tokens; the prefill's MLP activations (~4 x intermediate per prompt token); and the
+    sampler's float32 [V] rows (logits, processors, top-p sort: ~8 copies). Chunks are balanced (200 -> 100 + 100)."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     kv_per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * dtype_bytes
@@ -619,11 +598,9 @@ INVERSE_CDF_BLOCK = 1024  # vocabulary entries per block of the two-level draw b
 
 def token_sampler(temperature, top_p, method, record):
     """A logits processor that samples the next token itself, for a greedy (do_sample=False) generate: temperature
-    and top-p exactly as generate's sampling applies them, one token drawn per row ("multinomial": generate's own
-    calls, so the same tokens from the same seed; "inverse_cdf": inverse_cdf_draw), its log-probability under the
-    distribution drawn from (log π_sampler, departure 9) appended to the list record ([n] per step: no [n, V] tensor
-    outlives the step), and scores 0 at that token, -inf elsewhere, returned for generate's argmax. (generate's own
-    sampling hides that distribution: its processors run before temperature and top-p, and the draw after them.)"""
+    and top-p as generate applies them, one token per row ("multinomial": generate's own calls, the same tokens from
+    the same seed; "inverse_cdf": inverse_cdf_draw), its log π_sampler (departure 9) appended to record ([n] per step,
+    no [n, V] kept), and scores 0 at that token, -inf elsewhere, for generate's argmax (its own draw hides π_sampler)."""
     from transformers import TopPLogitsWarper
     top_p_warper = TopPLogitsWarper(top_p) if top_p < 1.0 else None
 
@@ -646,11 +623,10 @@ def token_sampler(temperature, top_p, method, record):
 
 def inverse_cdf_draw(scores):
     """One token per row of softmax(scores) [n, V] (overwritten) and its log-probability, ([n, 1], [n, 1]). Why: on a
-    CPU, torch.multinomial over 152k probabilities is bound by the random-number generator (it draws far more than one
-    number per row) and took ~77% of a tiny model's generate. Inverse CDF needs one uniform u per row: the token is the
-    first whose cumulative probability exceeds u·total. Two levels keep the cumulative sums short: a block of
-    INVERSE_CDF_BLOCK tokens by its total weight, then the token inside it; both sums are float64, so a token's chance
-    is its probability up to float32 rounding, and a token of probability 0 (masked by top-p) is never picked."""
+    CPU, torch.multinomial over 152k probabilities is bound by the random-number generator and took ~77% of a tiny
+    model's generate; inverse CDF needs one uniform u per row: the first token whose cumulative probability exceeds
+    u·total. Two levels keep the sums short: a block of INVERSE_CDF_BLOCK tokens by its weight, then the token in it;
+    float64 sums: a token's chance is its probability up to float32 rounding, one of probability 0 is never picked."""
     n, V = scores.shape
     weights = scores.sub_(scores.amax(dim=1, keepdim=True)).exp_()  # [n, V], unnormalised probs, in place
     full = V // INVERSE_CDF_BLOCK * INVERSE_CDF_BLOCK
@@ -674,12 +650,10 @@ def inverse_cdf_draw(scores):
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts, args: Args, eos_ids, temperature, greedy=False, log=print, progress=""):
-    """Sample one completion per prompt string (repeat a prompt G times for a group), in chunks of
-    --generation-chunk sequences (0: sized from free memory). Returns a dict of CPU tensors: prompt_ids and
-    prompt_mask [N, P] (left padded), completion_ids [N, T], completion_mask [N, T], truncated [N], sampler_logp
-    [N, T] float32 (log π_sampler of each sampled token as token_sampler recorded it; 0 where the mask is 0, and
-    for greedy); texts (the decoded completions) and generation_chunk (the chunk size used). progress: the label
-    of a progress bar in decode steps, drawn only when stderr is a terminal; "" = none."""
+    """One completion per prompt string (a group: a prompt repeated G times), in chunks of --generation-chunk
+    sequences (0: sized from free memory). Returns CPU tensors prompt_ids, prompt_mask [N, P] (left padded),
+    completion_ids, completion_mask [N, T], truncated [N], sampler_logp [N, T] float32 (token_sampler's record; 0
+    off the mask and for greedy); texts; generation_chunk (the size used). progress: a progress bar's label or ""."""
     from tqdm import tqdm
     device = model.device
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -692,9 +666,8 @@ def generate(model, tokenizer, prompts, args: Args, eos_ids, temperature, greedy
         model.config, len(prompts), prompt_ids.shape[1], args.max_new_tokens, free_memory_bytes(device),
         dtype_bytes=2 if device.type == "cuda" else 4)
     chunks, logps, start = [], [], 0
-    # A progress bar in decode steps: on a terminal only (disable=None: logs and CI get nothing), erased when done
-    # (leave=False), ticked by a stopping criterion that never stops anything, redrawn at every tick (a decode step
-    # costs far more than a redraw, and the bar shows the same thing however fast the machine is).
+    # A progress bar in decode steps, on a terminal only (disable=None), ticked by a stopping criterion that never
+    # stops, redrawn at every tick (a decode step costs far more than a redraw).
     bar = tqdm(total=math.ceil(len(prompts) / chunk_size) * args.max_new_tokens, desc=progress, unit="tok",
                leave=False, file=sys.stderr, disable=None if progress else True, mininterval=0, miniters=1)
     def tick(input_ids, scores, **kwargs):
@@ -851,7 +824,9 @@ def score(completions, items, reward_funcs, **context) -> dict:
 # their softmax for backward. We only need one number per token: log p(target) = logit[target] -
 # logsumexp(logits). So forward walks the tokens in chunks, keeps the log-prob of each target, and
 # from the same chunk's softmax forms each token's gradient row (d logp / d logits = onehot - softmax,
-# times lm_head): backward only scales those rows. The idea is the one behind Liger-Kernel's
+# times lm_head): log p_i depends on hidden_i alone, so backward only scales that [H] row ("slope").
+# Two [N, V]-sized GEMMs instead of three (no recomputed logits), one softmax instead of two; the price
+# is the [N, H] float32 slope kept for backward. The idea is the one behind Liger-Kernel's
 # FusedLinearCrossEntropy and Apple's Cut Cross-Entropy (Wijmans et al. 2024), written here in plain
 # torch: no Triton, no torch.compile.
 
@@ -881,11 +856,6 @@ class TokenLogprobs(torch.autograd.Function):
         N, V = hidden.shape[0], weight.shape[0]
         logprobs = torch.empty(N, dtype=torch.float32, device=hidden.device)
         entropy = torch.empty_like(logprobs) if with_entropy else None
-        # The gradient is formed here, from the softmax the log-probs need anyway (as Liger-Kernel's fused
-        # linear cross-entropy does), not by recomputing each chunk's logits in backward: log p_i depends on
-        # hidden_i alone, so d log p_i / d hidden_i is one [H] row per token ("slope"), and backward only scales
-        # it by the incoming gradient. Two [N, V]-sized GEMMs instead of three, one softmax instead of two; the
-        # price is that [N, H] float32 slope kept for backward instead of the hidden states.
         slope = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if with_gradient else None
         # Trap (CPU): a fresh [n, V] block per chunk goes back to the OS when freed, and the next one pays a page
         # fault per 4 KB (measured here: the GEMM into a new [220, 151,936] block 72-79 ms, into a reused one
@@ -896,7 +866,9 @@ class TokenLogprobs(torch.autograd.Function):
         for start in range(0, N, chunk_size):
             rows = slice(start, start + chunk_size)
             n, index = hidden[rows].shape[0], targets[rows, None]  # index [n, 1]
-            logits = chunk_logits(hidden[rows], weight, temperature, None if buffer is None else buffer[:n])  # [n, V]
+            logits = float32_matmul(hidden[rows], weight.T, None if buffer is None else buffer[:n])  # [n, V]
+            if temperature != 1.0:
+                logits.div_(temperature)  # in place: no second [n, V] buffer
             logits.sub_(logits.amax(dim=1, keepdim=True))  # z - max: exp never overflows, and the max's term is 1
             target = logits.gather(1, index).squeeze(1)  # [n] z_t - max (before any exp: log p_t stays finite)
             if with_entropy:  # e = exp(z - max) in the second buffer, then Σ_v e_v (z_v - max) in the first
@@ -933,11 +905,6 @@ class TokenLogprobs(torch.autograd.Function):
         grad_hidden = None if slope is None else (grad_logprobs[:, None] * slope).to(ctx.hidden_dtype)  # [N, H]
         # lm_head is frozen: no [V, H] gradient is ever formed; targets/temperature/chunk have none.
         return grad_hidden, None, None, None, None, None, None
-
-
-def chunk_logits(hidden_chunk, weight, temperature, out=None):
-    logits = float32_matmul(hidden_chunk, weight.T, out)  # [n, V] float32 (into out's memory when given)
-    return logits.div_(temperature) if temperature != 1.0 else logits  # in place: no second [n, V] buffer
 
 
 def token_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=None, memory_mb=256, with_entropy=False):
@@ -1134,23 +1101,20 @@ def micro_batch_plan(lengths, max_sequences, max_tokens=0) -> list[list[int]]:
     return plan
 
 
-def micro_batches(batch, size, plan=None):
-    """The micro-batches of batch: consecutive runs of size sequences, or the index lists of plan."""
-    n = batch["completion_ids"].shape[0]
-    for rows in plan or micro_batch_plan([0] * n, size):
-        index = torch.tensor(rows, device=batch["completion_ids"].device)
-        yield {k: v[index] for k, v in batch.items()}
+def micro_batches(batch, args: Args):
+    """(rows, micro-batch) for each micro-batch micro_batch_plan makes of batch; rows: its indices in batch."""
+    for rows in micro_batch_plan(sequence_lengths(batch), args.micro_batch, args.micro_batch_tokens):
+        rows = torch.tensor(rows, device=batch["completion_ids"].device)
+        yield rows, {k: v[rows] for k, v in batch.items()}
 
 
 @torch.no_grad()
 def batch_logprobs(model, batch, args: Args, temperature, reference=False, with_entropy=False):
     """Log-probs [N, T] of a whole batch without gradient: π_old (μ > 1) or, with adapters off, π_ref.
     with_entropy: (log-probs, entropy [N, T])."""
-    plan = micro_batch_plan(sequence_lengths(batch), args.micro_batch, args.micro_batch_tokens)
     logprobs = torch.zeros(batch["completion_ids"].shape, dtype=torch.float32, device=batch["completion_ids"].device)
     entropy = torch.zeros_like(logprobs)
-    for rows, micro in zip(plan, micro_batches(batch, args.micro_batch, plan)):
-        rows = torch.tensor(rows, device=logprobs.device)  # rows back in batch order whatever order the plan ran
+    for rows, micro in micro_batches(batch, args):  # rows: back in batch order whatever order the plan ran
         with model.disable_adapter() if reference else contextlib.nullcontext():  # π_ref: the 4-bit base, LoRA off
             result = sequence_logprobs(model, micro, temperature, args.logprob_memory_mb, with_entropy)
         logprobs[rows], entropy[rows] = result if with_entropy else (result, 0.0)
@@ -1167,8 +1131,7 @@ def accumulate_gradients(model, batch, args: Args, temperature, denominator):
     # With the merged sampler nothing else switches the policy back (measured at 14B on an H200: 108 GiB
     # peak for 16 x 296 tokens without this line), so say it here, where gradients are made.
     model.train()
-    plan = micro_batch_plan(sequence_lengths(batch), args.micro_batch, args.micro_batch_tokens)
-    for micro in micro_batches(batch, args.micro_batch, plan):
+    for _, micro in micro_batches(batch, args):
         # --offload-activations: every tensor autograd saves (the checkpointed block inputs, the gather's
         # hidden states) waits in CPU memory until backward: PyTorch's save_on_cpu, at a copy's cost.
         offload = (torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda") if args.offload_activations
@@ -1190,22 +1153,9 @@ def accumulate_gradients(model, batch, args: Args, temperature, denominator):
     return {k: (v / denominator if k == "loss" else v if k == "tokens" else v / tokens) for k, v in totals.items()}
 
 
-def smaller_micro_batches(lengths, args: Args) -> bool:
-    """Halve --micro-batch (or --micro-batch-tokens) in place, again until the plan for these lengths
-    changes (halving 16 to 8 changes nothing for a batch of 8). False when every micro-batch already
-    holds one sequence: there is nothing left to split."""
-    name = "micro_batch_tokens" if args.micro_batch_tokens > 0 else "micro_batch"
-    plan = micro_batch_plan(lengths, args.micro_batch, args.micro_batch_tokens)
-    if all(len(rows) == 1 for rows in plan):
-        return False
-    while micro_batch_plan(lengths, args.micro_batch, args.micro_batch_tokens) == plan:
-        setattr(args, name, getattr(args, name) // 2)  # ends at 1 at worst, where every micro-batch is one sequence
-    return True
-
-
 def with_memory_retry(run, model, batch, args: Args, phase, log=print, save=None):
     """run() is one pass over batch's micro-batches (reference/old log-probs, or the policy forward/backward).
-    On CUDA out-of-memory: halve the micro-batches (smaller_micro_batches; args keeps the smaller size for the
+    On CUDA out-of-memory: halve --micro-batch (or --micro-batch-tokens) until the plan changes (args keeps it for the
     rest of the run) and redo the whole pass from zeroed gradients: the accumulation is exact however the batch
     is split, so only float rounding changes. When one sequence alone does not fit: save (a callable that
     writes a checkpoint) and stop. CPU allocators raise no torch.OutOfMemoryError: nothing is caught there."""
@@ -1217,15 +1167,17 @@ def with_memory_retry(run, model, batch, args: Args, phase, log=print, save=None
         model.zero_grad(set_to_none=True)  # the micro-batches that did finish are redone: drop their gradients
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # hand the freed blocks back, so the smaller micro-batches are not fragmented
-        lengths = sequence_lengths(batch)
-        if not smaller_micro_batches(lengths, args):
+        lengths, name = sequence_lengths(batch), "micro_batch_tokens" if args.micro_batch_tokens > 0 else "micro_batch"
+        plan = micro_batch_plan(lengths, args.micro_batch, args.micro_batch_tokens)
+        if all(len(rows) == 1 for rows in plan):  # nothing left to split
             if save is not None:
                 save()
             fail(f"out of memory in the {phase} with one sequence per micro-batch (the longest: {max(lengths)} tokens, "
                  f"{batch['prompt_ids'].shape[1]} of them padded prompt): lower --max-new-tokens or the prompt "
                  f"length (or use --offload-activations)")
-        setting = (f"--micro-batch-tokens {args.micro_batch_tokens}" if args.micro_batch_tokens > 0
-                   else f"--micro-batch {args.micro_batch}")
+        while micro_batch_plan(lengths, args.micro_batch, args.micro_batch_tokens) == plan:  # 16 -> 8: same for 8 rows
+            setattr(args, name, getattr(args, name) // 2)  # ends at 1 at worst, where every micro-batch is one sequence
+        setting = f"{flag(name)} {getattr(args, name)}"
         log(f"out of memory in the {phase}: halved to {setting} for the rest of the run and redoing the pass "
             f"(start with {setting} to skip this)")
 
@@ -1461,10 +1413,10 @@ def evaluate(model, tokenizer, items, args: Args, eos_ids, pool, rank=0, world_s
 # -----------------------------------------------------------------------------
 # Logging: one line per step, metrics.jsonl, samples.jsonl. Names are documented in the README.
 
-# Phrases of self-verification and backtracking, the "aha" behaviours GRPO runs are watched for
-# (DeepSeek-R1, sec. 2.2.4). A completion counts once if it contains any of them.
 # The metric of a reward function's mean, reward/NAME (not reward/mean, reward/std, reward/NAME/std).
 REWARD_FUNCTION_MEAN = re.compile(r"reward/(?!(?:mean|std)$)[^/]+")
+# Phrases of self-verification and backtracking, the "aha" behaviours GRPO runs are watched for
+# (DeepSeek-R1, sec. 2.2.4). A completion counts once if it contains any of them.
 REFLECTION_PATTERN = re.compile(r"\b(wait|let me (?:check|verify|re-?check|re-?evaluate|think again)|verify|"
                                 r"double[- ]check|re-?check|on second thought|i made a mistake|actually)\b",
                                 re.IGNORECASE)
@@ -1584,7 +1536,7 @@ def write_step_records(run_dir, metrics, result, args: Args, log=print):
 def announce_run(args: Args, run_dir, world_size, num_items, is_main, log=print):
     """Print the config and the batch geometry derived from it; rank 0 makes the run directory (one that holds
     another run is refused: --resume continues that) and writes its args.json."""
-    log("config: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in dataclasses.asdict(args).items()))
+    log("config: " + " ".join(f"{flag(k)} {v}" for k, v in dataclasses.asdict(args).items()))
     local_prompts = args.prompts_per_step // world_size
     sequences = args.prompts_per_step * args.group_size
     log(f"batch: {args.prompts_per_step} prompts × G={args.group_size} = {sequences} sequences per step "
@@ -1618,7 +1570,7 @@ def open_report(args: Args, run_dir, is_main=True, start_step=0, logged=0):
         except ImportError:
             fail("--report-to tensorboard needs the tensorboard package: pip install tensorboard")
         writer = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=start_step + 1 if start_step else None)
-        writer.add_text("args", "\n".join(f"    --{k.replace('_', '-')} {v}" for k, v in config.items()))  # indented: markdown code
+        writer.add_text("args", "\n".join(f"    {flag(k)} {v}" for k, v in config.items()))  # indented: markdown code
 
         def report(record):
             for key, value in record.items():
@@ -1695,14 +1647,6 @@ def seed_everything(seed):
 def rng_state() -> dict:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def checkpoint_names(run_dir) -> list[str]:
@@ -1790,7 +1734,12 @@ def load_checkpoint(path, model, optimizer, scheduler, rank=0, world_size=1) -> 
     if len(state["rng"]) != world_size:
         fail(f"checkpoint {path} was written by {len(state['rng'])} ranks: resume it with the same number of ranks "
              f"(now {world_size})")
-    set_rng_state(state["rng"][rank])
+    rng = state["rng"][rank]  # this rank's rng_state()
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
     return state
 
 
