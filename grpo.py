@@ -600,7 +600,7 @@ def token_sampler(temperature, top_p, method, record):
     """A logits processor that samples the next token itself, for a greedy (do_sample=False) generate: temperature
     and top-p as generate applies them, one token per row ("multinomial": generate's own calls, the same tokens from
     the same seed; "inverse_cdf": inverse_cdf_draw), its log π_sampler (departure 9) appended to record ([n] per step,
-    no [n, V] kept), and scores 0 at that token, -inf elsewhere, for generate's argmax (its own draw hides π_sampler)."""
+    no [n, V] kept), and scores 0 at that token, -inf elsewhere for generate's argmax (its own draw hides π_sampler)."""
     from transformers import TopPLogitsWarper
     top_p_warper = TopPLogitsWarper(top_p) if top_p < 1.0 else None
 
