@@ -59,6 +59,7 @@ import dataclasses
 import io
 import importlib.util
 import json
+import logging
 import math
 import os
 import random
@@ -69,6 +70,7 @@ import signal
 import sys
 import time
 import urllib.request
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -398,20 +400,14 @@ def check_model_fits(args: Args, device):
         fail(f"--lora-rank {args.lora_rank} is more than the model's hidden size {config.hidden_size}")
 
 
-def silence_known_harmless_warnings():
-    """Two messages that say nothing is wrong, silenced by exact text (nothing else): bitsandbytes on an AVX512-BF16
-    CPU logs that the optional `kernels` package's 4-bit kernel is missing (its built-in one, which we test, runs);
-    peft reads `model.is_gradient_checkpointing`, which transformers >= 5.24 deprecates (peft's call, not ours)."""
-    import logging
-    import warnings
+def load_model(args: Args, device: torch.device):
+    """4-bit NF4 base + LoRA (QLoRA, Dettmers et al. 2023). Returns (peft model, tokenizer)."""
+    # Two messages that say nothing is wrong, silenced by exact text (nothing else), before bitsandbytes' import:
+    # on an AVX512-BF16 CPU it logs that the optional `kernels` package's 4-bit kernel is missing (its built-in one,
+    # which we test, runs); peft reads `model.is_gradient_checkpointing`, which transformers >= 5.24 deprecates.
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
         lambda record: not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward from kernels-community"))
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-
-
-def load_model(args: Args, device: torch.device):
-    """4-bit NF4 base + LoRA (QLoRA, Dettmers et al. 2023). Returns (peft model, tokenizer)."""
-    silence_known_harmless_warnings()  # before bitsandbytes' import, which logs the first one
     import bitsandbytes as bnb
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -467,10 +463,9 @@ def end_of_sequence_ids(model, tokenizer) -> list[int]:
 
 
 def decode_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
-    """transformers' sdpa attention, except for one query token with grouped KV heads (every decode step): there,
-    sdpa with a padding mask would first copy each KV head to its query heads (repeat_kv: the whole KV cache, 5x at
-    14B, every layer and step); instead a KV head's query heads become the rows of one query block, with no copy
-    (newer transformers do the same). Registered for the dense sampler only (build_generation_model)."""
+    """transformers' sdpa attention, except for one query token with grouped KV heads (every decode step), where
+    sdpa would first copy each KV head to its query heads (repeat_kv: the whole KV cache, 5x at 14B, every layer
+    and step): a KV head's query heads become the rows of one query block instead. For the dense sampler only."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     groups = getattr(module, "num_key_value_groups", 1)
     batch, heads, length, dim = query.shape  # [B, heads, q, D]
@@ -499,10 +494,9 @@ def register_decode_attention() -> str:
 
 @torch.no_grad()
 def build_generation_model(model):
-    """A dense copy of the policy for sampling only (--generation-model merged; auto on CUDA). 4-bit decoding pays a
-    dequantize + two LoRA matmuls per linear per token; a dense copy decodes with plain GEMMs (docs/performance.md:
-    5.0 s vs 8.3 s). Costs 2 bytes per block weight (26 GB at 14B) while it samples (released for the training
-    passes); embeddings, norms and lm_head are shared with the policy, not copied."""
+    """A dense copy of the policy for sampling (--generation-model merged): plain GEMMs instead of a dequantize + two
+    LoRA matmuls per linear per token (docs/performance.md). 2 bytes per block weight (26 GB at 14B) while it samples;
+    embeddings, norms and lm_head are shared with the policy, not copied."""
     from transformers import AutoModelForCausalLM
     source = model.get_base_model()
     dtype = source.get_output_embeddings().weight.dtype  # the compute dtype: bf16 on GPU, float32 on CPU
@@ -818,32 +812,23 @@ def score(completions, items, reward_funcs, **context) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# Log-probs: a fused, chunked lm_head + log-softmax + gather, so [N, V] logits never exist.
-#
-# With V = 152k, the logits of 16 × 2,048 tokens are 20 GB in float32, and autograd would keep
-# their softmax for backward. We only need one number per token: log p(target) = logit[target] -
-# logsumexp(logits). So forward walks the tokens in chunks, keeps the log-prob of each target, and
-# from the same chunk's softmax forms each token's gradient row (d logp / d logits = onehot - softmax,
-# times lm_head): log p_i depends on hidden_i alone, so backward only scales that [H] row ("slope").
-# Two [N, V]-sized GEMMs instead of three (no recomputed logits), one softmax instead of two; the price
-# is the [N, H] float32 slope kept for backward. The idea is the one behind Liger-Kernel's
-# FusedLinearCrossEntropy and Apple's Cut Cross-Entropy (Wijmans et al. 2024), written here in plain
-# torch: no Triton, no torch.compile.
+# Log-probs: a fused, chunked lm_head + log-softmax + gather, so [N, V] logits never exist (16 × 2,048 tokens
+# × 152k vocabulary: 20 GB in float32). Forward keeps each target's log p = logit - logsumexp and, from the same
+# chunk's softmax, its [H] gradient row ("slope": log p_i depends on hidden_i alone); backward only scales those
+# rows. Two [N, V]-sized GEMMs instead of three, at the cost of the [N, H] float32 slope (docs/algorithm.md).
+# The idea of Liger-Kernel's FusedLinearCrossEntropy and Cut Cross-Entropy (Wijmans et al. 2024), in plain torch.
 
 
 def gather_chunk_rows(vocab_size, memory_mb) -> int:
-    """Rows per chunk so that a chunk's [rows, V] float32 logits plus one more buffer of the same size
-    (the exps when entropy is asked, or the 16-bit copy for the GEMM on GPU; all else is in place) fit the
-    memory budget."""
+    """Rows per chunk so that a chunk's [rows, V] float32 logits plus one more buffer of that size (the exps for
+    entropy, or the 16-bit copy for the GEMM on GPU; all else is in place) fit the memory budget."""
     return max(1, int(memory_mb * 2**20) // (2 * 4 * vocab_size))
 
 
 def float32_matmul(a, b, out=None):
-    """a @ b as float32, without a float32 copy of a 16-bit operand. On CUDA a bf16 (or fp16) GEMM with
-    float32 accumulation and output (torch.mm's out_dtype): bf16 x bf16 products are exact in float32, so
-    this is the float32 product of the same numbers up to summation order, at bf16 GEMM speed, and no
-    [V, H] float32 copy of lm_head (3.1 GB at 14B) is made. On CPU the weights are float32 already.
-    out: a float32 buffer for the product, CPU only (CUDA's caching allocator makes a fresh one cheap)."""
+    """a @ b as float32, without a float32 copy of a 16-bit operand (lm_head: 3.1 GB at 14B). On CUDA a bf16 GEMM
+    with float32 accumulation and output: bf16 x bf16 products are exact in float32, so this is the float32 product
+    up to summation order, at bf16 speed. On CPU the weights are float32 already. out: a float32 buffer (CPU)."""
     if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and b.dtype == a.dtype:
         return torch.mm(a, b, out_dtype=torch.float32)  # torch >= 2.11 (requirements.txt); ran on the H200
     return torch.mm(a.float(), b.float(), out=out)
@@ -1381,7 +1366,9 @@ def grpo_step(step, train_items, model, sampler, tokenizer, optimizer, scheduler
             "bad_steps": bad_steps, "temperature": temperature, "lr": scheduler.get_last_lr()[0],
             "seconds": {"generate": generate_seconds, "reference": reference_seconds, "train": train_seconds,
                         "step": time.time() - step_start},
-            "peak_memory_gib": peak_memory_gib(device)}
+            # CUDA: peak allocated since the reset above; CPU: the process's peak resident set size (Linux: KiB)
+            "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
 # -----------------------------------------------------------------------------
@@ -1422,13 +1409,6 @@ REFLECTION_PATTERN = re.compile(r"\b(wait|let me (?:check|verify|re-?check|re-?e
                                 re.IGNORECASE)
 
 
-def peak_memory_gib(device) -> float:
-    """CUDA: peak allocated since the last reset; CPU: the process's peak resident set size."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-
-
 def step_metrics(result, args: Args, world_size=1) -> dict:
     """The metrics.jsonl record of one step (names in the README), over every rank's completions.
     result is grpo_step's; its "stats" are accumulate_gradients' token-weighted loss statistics."""
@@ -1465,8 +1445,7 @@ def step_metrics(result, args: Args, world_size=1) -> dict:
                 "sampler/tis_capped_frac": token_mean("tis_capped_frac")} if "sampler_kl" in result["stats"] else {}),
             "loss/grad_norm": result["grad_norm"], "loss/trained_tokens": int(sum(tokens)),
             "optim/lr": result["lr"], "rollout/temperature": result["temperature"],
-            "time/generate_s": seconds["generate"], "time/reference_s": seconds["reference"],
-            "time/train_s": seconds["train"], "time/step_s": seconds["step"],
+            **{f"time/{key}_s": value for key, value in seconds.items()},
             "throughput/generated_tokens_per_s": float(every["lengths"].sum()) / max(seconds["generate"], 1e-9) / world_size,
             "memory/peak_gib": max(g["peak_memory_gib"] for g in gathered),
             "batch/micro_batch": args.micro_batch, "batch/micro_batch_tokens": args.micro_batch_tokens}
