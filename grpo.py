@@ -14,29 +14,27 @@ and the loss is its negative. π_ref is the frozen base model: the same weights 
 switched off, so no second copy of the model is ever held in memory.
 
 Departures from the paper (each is a flag; the default is listed first):
-  1. KL estimator: k3 = exp(ref - logp) - (ref - logp) - 1 per token (Schulman, "Approximating KL
-     divergence", 2020), added to the loss as in the paper; `--beta 0` skips the reference pass.
-  2. Loss aggregation `--agg`: "seq" = mean over sequences of each sequence's token mean (paper);
-     "token" = one mean over all tokens of the batch (DAPO, Yu et al. 2025); "dr_grpo" = sum over
-     tokens divided by a constant B·G·max_new_tokens (Dr. GRPO, Liu et al. 2025).
-  3. Advantage scale: divided by the group std by default; `--no-scale-advantages` leaves it
-     unscaled (Dr. GRPO), which stops low-variance groups from being up-weighted.
-  4. Inner iterations μ = `--num-iterations` (default 1): with μ = 1, π_old = π_θ, the ratio is
-     exactly 1 and the clip never binds (the gradient is the plain policy gradient). With μ > 1 the
-     old log-probs are computed once before the updates and the clip does its PPO job.
-  5. Asymmetric clipping `--clip-high` (DAPO's "clip-higher" uses 0.28), dropping zero-std groups
-     from the loss (`--drop-zero-std-groups`) or refilling the batch with informative ones (`--dynamic-sampling`,
-     DAPO's dynamic sampling), and masking or penalising completions that hit max_new_tokens (`--overlong`, DAPO).
-  6. Log-probs are computed at the sampling temperature (logits / T), so they are the log-probs of
-     the policy that sampled. top-p truncation is not modelled (as in TRL): departure 9 weighs it.
-  7. On a GPU, rollouts are sampled from a dense bf16 copy of the policy (4-bit base dequantized, LoRA
-     merged, refreshed every step) for speed; it differs from the trained policy by rounding (logged as
-     sampler/*). `--generation-model policy` samples from the 4-bit model itself (26 GB less at 14B).
-  8. `--ratio-level sequence`: GSPO's one ratio per completion (Zheng et al. 2025); `--top-entropy-quantile`:
-     the policy term on the highest-entropy tokens only (Wang et al. 2025). Both off by default.
-  9. Truncated importance sampling `--tis-cap C` (default 2; 0: off; Yao et al. 2025): the sampler (the
-     bf16 copy, top-p) is not exactly π_old, so each token's policy term is weighted by min(π_old/π_sampler, C),
-     π_sampler's log-probs recorded while sampling (no extra pass). An exact sampler gets weight 1.
+  1. KL estimator: k3 = exp(ref - logp) - (ref - logp) - 1 per token (Schulman, "Approximating KL divergence",
+     2020), added to the loss as in the paper; `--beta 0` skips the reference pass.
+  2. Loss aggregation `--agg`: "seq" = mean over sequences of each sequence's token mean (paper); "token" = one
+     mean over all tokens (DAPO, Yu et al. 2025); "dr_grpo" = the sum / B·G·max_new_tokens (Dr. GRPO, Liu et al. 2025).
+  3. Advantage scale: divided by the group std; `--no-scale-advantages` leaves it unscaled (Dr. GRPO), which stops
+     low-variance groups from being up-weighted.
+  4. Inner iterations μ = `--num-iterations` (default 1): with μ = 1, π_old = π_θ, the ratio is exactly 1 and the
+     clip never binds (the plain policy gradient); with μ > 1 the old log-probs are computed once before the updates.
+  5. From DAPO: asymmetric clipping `--clip-high` (DAPO uses 0.28), dropping zero-std groups from the loss
+     (`--drop-zero-std-groups`) or refilling the batch with informative ones (`--dynamic-sampling`), and masking or
+     penalising completions that hit max_new_tokens (`--overlong`).
+  6. Log-probs are computed at the sampling temperature (logits / T): those of the policy that sampled. top-p
+     truncation is not modelled (as in TRL): departure 9 weighs it.
+  7. On a GPU, rollouts are sampled from a dense bf16 copy of the policy (4-bit base dequantized, LoRA merged,
+     refreshed every step) for speed; it differs from the trained policy by rounding (logged as sampler/*).
+     `--generation-model policy` samples from the 4-bit model itself (26 GB less at 14B).
+  8. `--ratio-level sequence`: GSPO's one ratio per completion (Zheng et al. 2025); `--top-entropy-quantile`: the
+     policy term on the highest-entropy tokens only (Wang et al. 2025). Both off by default.
+  9. Truncated importance sampling `--tis-cap C` (default 2; 0: off; Yao et al. 2025): the sampler (bf16 copy, top-p)
+     is not exactly π_old, so each token's policy term is weighted by min(π_old/π_sampler, C), π_sampler's log-probs
+     recorded while sampling (no extra pass). An exact sampler gets weight 1.
 
 Shapes: B prompts per step, G completions per prompt, N = B·G sequences, P prompt tokens,
 T completion tokens, V vocabulary, H hidden size. "mask" is always a 0/1 float of shape [N, T].
@@ -452,13 +450,10 @@ def load_model(args: Args, device: torch.device):
 def end_of_sequence_ids(model, tokenizer) -> list[int]:
     """Every token that ends a completion: the tokenizer's EOS, the model's generation EOS and, for chat
     templates, the end-of-turn token (Qwen's base EOS is <|endoftext|> but a chat turn ends <|im_end|>)."""
-    ids = {tokenizer.eos_token_id}
     generation_eos = model.generation_config.eos_token_id
-    ids.update(generation_eos if isinstance(generation_eos, list) else [generation_eos])
-    for token in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
-        token_id = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
-            ids.add(token_id)
+    turn_ends = [tokenizer.convert_tokens_to_ids(token) for token in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>")]
+    ids = {tokenizer.eos_token_id, *(generation_eos if isinstance(generation_eos, list) else [generation_eos]),
+           *(i for i in turn_ends if isinstance(i, int) and i != tokenizer.unk_token_id)}
     return sorted(i for i in ids if i is not None)
 
 
@@ -563,10 +558,9 @@ def completion_mask_from_ids(completion_ids, eos_ids):
 
 
 def generation_chunk_size(config, sequences, prompt_tokens, max_new_tokens, free_bytes, dtype_bytes) -> int:
-    """Sequences per generate call that fit free_bytes. A decode step costs nearly the same for 16 rows as for 128
-    (it reads every weight once either way), so fewer, larger chunks are faster. Per sequence: its KV cache (192 KiB
-    per token at 14B) for P + T tokens; the prefill's MLP activations (~4 x intermediate per prompt token); and the
-    sampler's float32 [V] rows (logits, processors, top-p sort: ~8 copies). Chunks are balanced (200 -> 100 + 100)."""
+    """Sequences per generate call that fit free_bytes (a decode step costs nearly the same for 16 rows as for 128,
+    so fewer, larger chunks are faster). Per sequence: its KV cache for P + T tokens, the prefill's MLP activations
+    and the sampler's float32 [V] rows (~8 copies). Chunks are balanced (200 -> 100 + 100)."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     kv_per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * dtype_bytes
@@ -616,11 +610,10 @@ def token_sampler(temperature, top_p, method, record):
 
 
 def inverse_cdf_draw(scores):
-    """One token per row of softmax(scores) [n, V] (overwritten) and its log-probability, ([n, 1], [n, 1]). Why: on a
-    CPU, torch.multinomial over 152k probabilities is bound by the random-number generator and took ~77% of a tiny
-    model's generate; inverse CDF needs one uniform u per row: the first token whose cumulative probability exceeds
-    u·total. Two levels keep the sums short: a block of INVERSE_CDF_BLOCK tokens by its weight, then the token in it;
-    float64 sums: a token's chance is its probability up to float32 rounding, one of probability 0 is never picked."""
+    """One token per row of softmax(scores) [n, V] (overwritten) and its log-probability, ([n, 1], [n, 1]): the first
+    token whose cumulative probability exceeds u·total, one uniform u per row (on a CPU, torch.multinomial is bound by
+    the random-number generator: docs/performance.md). Two levels keep the sums short: a block of INVERSE_CDF_BLOCK
+    tokens, then the token in it; float64 sums, so a token of probability 0 (masked by top-p) is never picked."""
     n, V = scores.shape
     weights = scores.sub_(scores.amax(dim=1, keepdim=True)).exp_()  # [n, V], unnormalised probs, in place
     full = V // INVERSE_CDF_BLOCK * INVERSE_CDF_BLOCK
@@ -786,11 +779,10 @@ def reward_functions(args: Args, pool) -> list[tuple]:
 
 
 def score(completions, items, reward_funcs, **context) -> dict:
-    """Each reward function on the batch as TRL's GRPOTrainer calls it: fn(prompts=the items' "prompt", completions=,
-    **context (completion_ids, trainer_state), **columns (the items' other fields as lists, None where missing)).
-    A None value is "not applicable" (TRL): out of the weighted sum and that reward's statistics; None from every
-    function: unscorable, reward NaN. Returns rewards [N] = Σ weight·value, per_reward {name: [N], NaN for None}.
-    A function that raises, or returns a wrong length or a value neither finite nor None, ends the run."""
+    """Each reward function on the batch as TRL's GRPOTrainer calls it (docs/rewards.md): fn(prompts=, completions=,
+    **context, **columns: the items' other fields as lists). None is "not applicable": out of the weighted sum and
+    the reward's statistics; None from every function: reward NaN (unscorable). Returns rewards [N] = Σ weight·value,
+    per_reward {name: [N], NaN for None}. A raise, a wrong length or a value neither finite nor None ends the run."""
     keys = dict.fromkeys(key for item in items for key in item if key != "prompt")
     prompts, columns = [item["prompt"] for item in items], {key: [item.get(key) for item in items] for key in keys}
     per_reward, weights = {}, []
@@ -1112,9 +1104,8 @@ def accumulate_gradients(model, batch, args: Args, temperature, denominator):
     the summed gradients equal the gradient of the whole-batch loss. Returns token-weighted stats."""
     totals = {}
     device = batch["completion_ids"].device
-    # Trap: gradient checkpointing only acts in train mode, and from_pretrained returns an eval-mode model.
-    # With the merged sampler nothing else switches the policy back (measured at 14B on an H200: 108 GiB
-    # peak for 16 x 296 tokens without this line), so say it here, where gradients are made.
+    # Trap: gradient checkpointing only acts in train mode, and from_pretrained returns an eval-mode model; with the
+    # merged sampler nothing else switches it (14B on an H200: 108 GiB peak for 16 x 296 tokens without this line).
     model.train()
     for _, micro in micro_batches(batch, args):
         # --offload-activations: every tensor autograd saves (the checkpointed block inputs, the gather's
@@ -1139,11 +1130,9 @@ def accumulate_gradients(model, batch, args: Args, temperature, denominator):
 
 
 def with_memory_retry(run, model, batch, args: Args, phase, log=print, save=None):
-    """run() is one pass over batch's micro-batches (reference/old log-probs, or the policy forward/backward).
-    On CUDA out-of-memory: halve --micro-batch (or --micro-batch-tokens) until the plan changes (args keeps it for the
-    rest of the run) and redo the whole pass from zeroed gradients: the accumulation is exact however the batch
-    is split, so only float rounding changes. When one sequence alone does not fit: save (a callable that
-    writes a checkpoint) and stop. CPU allocators raise no torch.OutOfMemoryError: nothing is caught there."""
+    """run() is one pass over batch's micro-batches. On CUDA out-of-memory (CPU allocators raise none): halve
+    --micro-batch (or --micro-batch-tokens) until the plan changes, for the rest of the run, and redo the pass from
+    zeroed gradients (exact however the batch is split). When one sequence does not fit: save() and stop."""
     while True:
         try:
             return run()
@@ -1176,8 +1165,7 @@ def logprobs_before_update(model, batch, args: Args, temperature, retry) -> dict
         out["ref_logp"] = with_memory_retry(lambda: batch_logprobs(model, batch, args, temperature, reference=True),
                                             model, batch, args, "reference pass", **retry)
     if args.num_iterations > 1 or args.top_entropy_quantile < 1:
-        # One pass, adapters on: π_old's log-probs (μ > 1) and its entropies (--top-entropy-quantile).
-        # The entropies only when --top-entropy-quantile needs them: for μ > 1 alone they are wasted work.
+        # One pass, adapters on: π_old's log-probs (μ > 1) and, only if --top-entropy-quantile needs them, entropies.
         select = args.top_entropy_quantile < 1
         result = with_memory_retry(lambda: batch_logprobs(model, batch, args, temperature, with_entropy=select),
                                    model, batch, args, "old log-prob pass", **retry)
@@ -1324,8 +1312,7 @@ def grpo_step(step, train_items, model, sampler, tokenizer, optimizer, scheduler
     step_start = time.time()
     temperature = temperature_at(step, args)  # sampling and log-probs use the same one: same policy
 
-    # 1-3. The next B prompts of the data order, G completions each, their rewards (sample_groups); with
-    # --dynamic-sampling, more rounds until B groups are informative.
+    # 1-3. The next B prompts, G completions each, their rewards (--dynamic-sampling: until B groups are informative).
     position = step * args.prompts_per_step if position is None else position
     rollout, scores, position, rounds, generate_seconds = sample_groups(
         step, position, train_items, sampler, tokenizer, args, eos_ids, reward_funcs, temperature, rank, world_size, log)
@@ -1376,8 +1363,7 @@ def grpo_step(step, train_items, model, sampler, tokenizer, optimizer, scheduler
 
 
 def evaluate(model, tokenizer, items, args: Args, eos_ids, pool, rank=0, world_size=1) -> dict:
-    """Each rank evaluates items[rank::world_size]; the counts are gathered so every rank returns the
-    same numbers."""
+    """Each rank evaluates items[rank::world_size]; the counts are gathered: every rank returns the same numbers."""
     shard = items[rank::world_size]
     strict = lenient = formatted = 0.0
     if shard:
