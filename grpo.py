@@ -369,9 +369,8 @@ def build_prompt(item, tokenizer, use_chat_template=True) -> str:
 
 
 def data_indices(position, count, num_items, seed) -> list[int]:
-    """The items at positions [position, position + count) of the data order: a fresh seeded permutation per
-    epoch, so the order is a pure function of the position. Step s starts at s·B, or with --dynamic-sampling where
-    the step before stopped (checkpoints save it as data_position)."""
+    """The items at positions [position, position + count) of the data order: a seeded permutation per epoch, a pure
+    function of the position. A step starts where the one before stopped (checkpoints save it as data_position)."""
     return [int(np.random.default_rng(seed + p // num_items).permutation(num_items)[p % num_items])  # epoch, offset
             for p in range(position, position + count)]
 
@@ -549,9 +548,8 @@ def release_generation_model(model, dense):
 
 
 def completion_mask_from_ids(completion_ids, eos_ids):
-    """mask[i, t] = 1 for tokens up to AND including the first EOS (EOS must be trained, or the policy
-    never learns to stop); 0 after it. generate pads finished rows with pad, which may equal EOS:
-    only the first EOS counts. Returns (mask [N, T] float, truncated [N] bool: no EOS at all)."""
+    """mask[i, t] = 1 up to AND including the first EOS (trained, or the policy never learns to stop), 0 after it
+    (pad may equal EOS: only the first counts). Returns (mask [N, T] float, truncated [N] bool: no EOS at all)."""
     is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device)).int()  # [N, T]
     mask = (is_eos.cumsum(dim=1) - is_eos == 0).float()  # [N, T]: no EOS before t
     return mask, is_eos.sum(dim=1) == 0
@@ -885,10 +883,9 @@ class TokenLogprobs(torch.autograd.Function):
 
 
 def token_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=None, memory_mb=256, with_entropy=False):
-    """log softmax(hidden @ weight.T / temperature)[targets], as float32 [N], in chunks of rows.
-    hidden [N, H] (gradient flows), weight [V, H] (no gradient), targets [N] int64. chunk_size=None
-    picks the rows per chunk from memory_mb. with_entropy: returns (log-probs, entropy [N] float32 of
-    softmax(logits / temperature), no gradient), from the same chunks. test_grpo.py checks both against float64."""
+    """log softmax(hidden @ weight.T / temperature)[targets], as float32 [N], in chunks of rows (chunk_size=None:
+    from memory_mb). hidden [N, H] (gradient flows), weight [V, H] (no gradient), targets [N] int64. with_entropy:
+    (log-probs, entropy [N] float32 of softmax(logits / temperature), no gradient), from the same chunks."""
     if chunk_size is None:
         chunk_size = gather_chunk_rows(weight.shape[0], memory_mb)
     with_gradient = torch.is_grad_enabled() and hidden.requires_grad  # else the slope's GEMM is skipped (reference pass)
@@ -897,9 +894,8 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=None, me
 
 
 def sequence_logprobs(model, batch, temperature, memory_mb=256, with_entropy=False):
-    """Per-token log-probs [n, T] of the completions in batch (0 where completion_mask is 0), from the
-    backbone's hidden states and the fused gather. Gradients flow when called with grad enabled.
-    with_entropy: returns (log-probs, the policy's entropy per token [n, T], no gradient)."""
+    """Per-token log-probs [n, T] of the completions in batch (0 where completion_mask is 0), from the backbone's
+    hidden states and the fused gather. with_entropy: (log-probs, the policy's entropy [n, T], no gradient)."""
     prompt_ids, completion_ids, mask = batch["prompt_ids"], batch["completion_ids"], batch["completion_mask"]
     n, P = prompt_ids.shape
     T = completion_ids.shape[1]
@@ -930,9 +926,8 @@ def sequence_logprobs(model, batch, temperature, memory_mb=256, with_entropy=Fal
 
 
 def group_advantages(rewards, group_size, scale=True, eps=1e-4):
-    """Â_i = (R_i - mean of its group) / (std of its group + eps); rewards [B*G] with each group's G
-    completions contiguous. scale=False leaves out the division (Dr. GRPO). A group with identical
-    rewards gets exactly 0: it says nothing about which completion is better."""
+    """Â_i = (R_i - mean of its group) / (std of its group + eps); rewards [B*G], each group's G contiguous.
+    scale=False: no division (Dr. GRPO). A group with identical rewards gets exactly 0: it says nothing."""
     if rewards.isnan().any():  # unscorable (NaN: no reward function applied): 0, out of the group's mean and std (TRL)
         advantages = torch.zeros_like(rewards)
         for scored in (group[~rewards[group].isnan()] for group in torch.arange(len(rewards)).view(-1, group_size)):
@@ -949,9 +944,8 @@ def group_advantages(rewards, group_size, scale=True, eps=1e-4):
 
 
 def advantages_and_loss_mask(rewards, rollout, args: Args):
-    """Group advantages [N] and the loss mask [N, T] of a rollout, with DAPO's options: --overlong
-    penalty (lower the reward) or mask, and --drop-zero-std-groups. Returns (rewards after any
-    penalty [N], advantages [N], loss_mask [N, T], zero_std [B])."""
+    """Group advantages and the loss mask of a rollout, with DAPO's --overlong penalty or mask and
+    --drop-zero-std-groups. Returns (rewards after any penalty [N], advantages [N], loss_mask [N, T], zero_std [B])."""
     truncated = rollout["truncated"]  # [N]
     if args.overlong == "penalty":
         rewards = rewards - args.overlong_penalty * truncated.float()  # a new tensor: scores stay as verified
@@ -969,10 +963,9 @@ def advantages_and_loss_mask(rewards, rollout, args: Args):
 
 
 def high_entropy_mask(entropy, loss_mask, quantile):
-    """--top-entropy-quantile ρ: 1 for the trained tokens whose entropy is among the ⌈ρ·n⌉ highest of the n
-    trained tokens of the whole batch, on every rank (ties kept), else 0. [N, T] (Wang et al. 2025: the
-    "forking" tokens carry the learning; they keep ρ = 0.2.) Computed once, before the updates, so
-    micro-batches and ranks all use one threshold."""
+    """--top-entropy-quantile ρ: 1 for the trained tokens whose entropy is among the ⌈ρ·n⌉ highest of the n trained
+    tokens of the whole batch, all ranks (ties kept), else 0. [N, T] (Wang et al. 2025: the "forking" tokens carry the
+    learning.) Computed once, before the updates, so micro-batches and ranks all use one threshold."""
     trained = torch.cat([e.to(entropy.device) for e in all_gather(entropy[loss_mask.bool()].cpu())])
     if trained.numel() == 0:
         return loss_mask.clone()
@@ -993,12 +986,11 @@ def loss_denominator(mask, agg, max_new_tokens=None):
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_low=0.2, clip_high=0.2, beta=0.04, agg="seq",
               denominator=None, ratio_level="token", policy_mask=None, sampler_logp=None, tis_cap=0.0):
-    """The negated GRPO objective. logp/old_logp/ref_logp/mask [N, T], advantages [N]; ref_logp may be
-    None when beta == 0. denominator: the batch-wide normalizer (loss_denominator) when this is one
-    micro-batch of a larger batch; None computes it from this batch. ratio_level "sequence": GSPO's one
-    ratio per completion. policy_mask [N, T]: 0/1, the tokens whose policy term counts (the KL term
-    counts all of mask); None: all. sampler_logp [N, T]: log π_sampler of the sampled tokens (generate's
-    record); with tis_cap C > 0 the policy term is weighted by min(π_old / π_sampler, C). Returns (loss, stats)."""
+    """The negated GRPO objective. logp/old_logp/ref_logp/mask [N, T], advantages [N]; ref_logp may be None when
+    beta == 0. denominator: the batch-wide normalizer (loss_denominator) when this is one micro-batch of a larger
+    batch; None computes it from this batch. ratio_level "sequence": GSPO's one ratio per completion. policy_mask
+    [N, T]: 0/1, the tokens whose policy term counts (the KL term counts all of mask); None: all. sampler_logp [N, T]:
+    log π_sampler (generate's record); with tis_cap C > 0 the policy term is weighted by min(π_old / π_sampler, C)."""
     A = advantages[:, None]  # [N, 1], one advantage for every token of a completion
     ratio = torch.exp(logp - old_logp)  # [N, T], π_θ / π_old; exactly 1 when old_logp = logp.detach()
     if ratio_level == "sequence":
@@ -1050,9 +1042,8 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_low=0.2, clip_hig
 
 
 def sequence_lengths(batch) -> list[int]:
-    """Tokens each sequence costs in a forward: the batch's (left-padded) prompt width P plus its completion up
-    to its last masked token. A micro-batch costs (its size) × (its longest), as sequence_logprobs cuts the
-    all-pad columns after the micro-batch's longest completion."""
+    """Tokens each sequence costs in a forward: the batch's prompt width P plus its completion up to its last masked
+    token. A micro-batch costs (its size) × (its longest): sequence_logprobs cuts the all-pad columns."""
     mask = batch["completion_mask"]  # [N, T]
     positions = torch.arange(1, mask.shape[1] + 1, device=mask.device)  # [T]
     completion = (positions * (mask != 0)).amax(dim=1) if mask.shape[1] else torch.zeros(mask.shape[0])  # [N]
@@ -1061,9 +1052,8 @@ def sequence_lengths(batch) -> list[int]:
 
 def micro_batch_plan(lengths, max_sequences, max_tokens=0) -> list[list[int]]:
     """Which sequences go in each micro-batch (indices into the batch). max_tokens = 0: consecutive runs of
-    max_sequences, in batch order. max_tokens > 0: sorted longest first, each micro-batch filled while
-    (its size) × (its longest) ≤ max_tokens; a sequence longer than max_tokens goes alone. Longest first
-    also puts the step's biggest micro-batch first, so an out-of-memory comes before any other work."""
+    max_sequences. max_tokens > 0: sorted longest first (an out-of-memory comes first, before any other work), each
+    micro-batch filled while (its size) × (its longest) ≤ max_tokens; a longer sequence goes alone."""
     if max_tokens <= 0:
         return [list(range(start, min(start + max_sequences, len(lengths))))
                 for start in range(0, len(lengths), max_sequences)]
@@ -1099,9 +1089,8 @@ def batch_logprobs(model, batch, args: Args, temperature, reference=False, with_
 
 
 def accumulate_gradients(model, batch, args: Args, temperature, denominator):
-    """Forward + backward every micro-batch of batch (tensors on the model's device; batch["loss_mask"]
-    selects trained tokens). Because each micro-batch loss is divided by the batch-wide denominator,
-    the summed gradients equal the gradient of the whole-batch loss. Returns token-weighted stats."""
+    """Forward + backward every micro-batch of batch (batch["loss_mask"]: the trained tokens). Each micro-batch loss is
+    divided by the whole batch's denominator, so the summed gradients are the batch's. Returns token-weighted stats."""
     totals = {}
     device = batch["completion_ids"].device
     # Trap: gradient checkpointing only acts in train mode, and from_pretrained returns an eval-mode model; with the
@@ -1157,9 +1146,8 @@ def with_memory_retry(run, model, batch, args: Args, phase, log=print, save=None
 
 
 def logprobs_before_update(model, batch, args: Args, temperature, retry) -> dict:
-    """What the loss needs from the policy as it was before this step's updates, each pass over the
-    micro-batches under with_memory_retry (retry: its log and save): ref_logp [N, T] (adapters off; β > 0),
-    old_logp [N, T] (μ > 1) and policy_mask [N, T] (--top-entropy-quantile, from the same pass's entropies)."""
+    """What the loss needs from the policy before this step's updates (each pass under with_memory_retry): ref_logp
+    (adapters off; β > 0), old_logp (μ > 1) and policy_mask (--top-entropy-quantile), all [N, T]."""
     out = {}
     if args.beta != 0:
         out["ref_logp"] = with_memory_retry(lambda: batch_logprobs(model, batch, args, temperature, reference=True),
@@ -1178,9 +1166,8 @@ def logprobs_before_update(model, batch, args: Args, temperature, retry) -> dict
 
 
 def update_adapters(model, batch, optimizer, scheduler, args: Args, temperature, denominator, retry=None):
-    """One optimizer step on the whole batch: accumulate the gradients, sum them over ranks, clip, AdamW.
-    A non-finite loss or gradient skips the update: one bad batch must not poison the adapters (and
-    Adam's moments). retry: with_memory_retry's log/save. Returns (stats, grad_norm, finite)."""
+    """One optimizer step on the whole batch: accumulate the gradients, sum them over ranks, clip, AdamW. A non-finite
+    loss or gradient skips it (a bad batch must not poison the adapters). Returns (stats, grad_norm, finite)."""
     parameters = [p for group in optimizer.param_groups for p in group["params"]]  # the LoRA adapters
     optimizer.zero_grad(set_to_none=True)
     stats = with_memory_retry(lambda: accumulate_gradients(model, batch, args, temperature, denominator), model, batch,
@@ -1226,8 +1213,7 @@ def lr_factor(optimizer_step, args: Args) -> float:
 
 
 def init_distributed(args: Args):
-    """Returns (rank, world_size, device). torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; a plain
-    `python grpo.py` is rank 0 of 1 and starts no process group."""
+    """(rank, world_size, device) from torchrun's RANK, WORLD_SIZE, LOCAL_RANK; a plain run is rank 0 of 1."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -1249,10 +1235,8 @@ def all_gather(value):
 
 
 def all_reduce_gradients(parameters):
-    """Sum the adapter gradients of all ranks in place, as one flat buffer. Summing (not averaging) is
-    right because every rank divided its loss by the global denominator. We all-reduce by hand rather
-    than wrap the model in DDP: the trainable set is a few LoRA tensors, accumulation is explicit, and
-    there is no hook to reason about."""
+    """Sum the adapter gradients of all ranks in place, as one flat buffer (not averaged: every rank divided its loss
+    by the global denominator). By hand rather than DDP: a few LoRA tensors, explicit accumulation, no hooks."""
     if not (dist.is_available() and dist.is_initialized()):
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
@@ -1269,9 +1253,8 @@ def all_reduce_gradients(parameters):
 def sample_groups(step, position, train_items, sampler, tokenizer, args: Args, eos_ids, reward_funcs, temperature,
                   rank=0, world_size=1, log=print):
     """Steps 1-3 from `position` of the data order: B prompts (this rank's share), G completions each, their rewards.
-    --dynamic-sampling (DAPO, Yu et al. 2025, algorithm 1): while fewer than B groups over all ranks are informative
-    (rewards not all equal), a round of the next prompts, exactly as many as groups are missing (so none sampled goes
-    unused), at most --max-refill-rounds times. Returns (rollouts with "prompts", scores, next position, rounds, seconds)."""
+    --dynamic-sampling (DAPO, algorithm 1): while fewer than B groups over all ranks are informative, a round of as many
+    next prompts as groups are missing. Returns (rollouts with "prompts", scores, next position, rounds, seconds)."""
     rollouts, scored, found, seconds = [], [], 0, 0.0
     for rounds in range(1, 2 + (args.max_refill_rounds if args.dynamic_sampling else 0)):
         # 1. The round's prompts (B, then the missing ones): rank r takes the r-th of world_size near-equal slices,
@@ -1302,10 +1285,9 @@ def sample_groups(step, position, train_items, sampler, tokenizer, args: Args, e
 
 def grpo_step(step, train_items, model, sampler, tokenizer, optimizer, scheduler, args: Args, eos_ids, reward_funcs,
               bad_steps=0, rank=0, world_size=1, log=print, save=None, position=None) -> dict:
-    """Sample B·G completions, score them, and make μ optimizer steps on them. sampler is the model that samples
-    (model itself, or its dense copy with --generation-model merged); reward_funcs: reward_functions'; bad_steps counts
-    the skipped updates in a row so far; save() writes a checkpoint before an out-of-memory stop; position: where
-    the step's prompts start in the data order (default step·B). Returns what the loop logs (step_metrics reads it)."""
+    """Sample B·G completions, score them, and make μ optimizer steps on them. sampler: model or its dense copy;
+    bad_steps: skipped updates in a row so far; save(): a checkpoint before an out-of-memory stop; position: where the
+    step's prompts start in the data order (default step·B). Returns what the loop logs (step_metrics reads it)."""
     device = model.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -1396,8 +1378,7 @@ REFLECTION_PATTERN = re.compile(r"\b(wait|let me (?:check|verify|re-?check|re-?e
 
 
 def step_metrics(result, args: Args, world_size=1) -> dict:
-    """The metrics.jsonl record of one step (names in the README), over every rank's completions.
-    result is grpo_step's; its "stats" are accumulate_gradients' token-weighted loss statistics."""
+    """The metrics.jsonl record of grpo_step's result (names in the README), over every rank's completions."""
     rollout = result["rollout"]
     gathered = all_gather({"reward": result["rewards"].tolist(), "lengths": rollout["completion_mask"].sum(1).int().tolist(),
                            **{f"reward/{name}": values.tolist() for name, values in result["scores"]["per_reward"].items()},
@@ -1483,8 +1464,7 @@ def trim_records(run_dir, step, log=print) -> int:
 
 
 def write_step_records(run_dir, metrics, result, args: Args, log=print):
-    """Rank 0: the step's record to metrics.jsonl, its first --samples-per-step completions to
-    samples.jsonl, and every --sample-every steps one completion on stdout."""
+    """Rank 0: the step's metrics.jsonl record, --samples-per-step samples.jsonl records, a printed sample."""
     prompts, texts, rewards, advantages = result["prompts"], result["rollout"]["texts"], result["rewards"], result["advantages"]
     number = lambda value: None if math.isnan(value) else float(value)  # noqa: E731  (None: unscorable / not applicable)
     append_jsonl(os.path.join(run_dir, "metrics.jsonl"), [metrics])
@@ -1522,10 +1502,9 @@ def announce_run(args: Args, run_dir, world_size, num_items, is_main, log=print)
 
 
 def open_report(args: Args, run_dir, is_main=True, start_step=0, logged=0):
-    """--report-to: a live dashboard fed the same records as metrics.jsonl (step and eval records, same
-    names, x-axis = "step"), with the run's args as its config. Returns (report(record), close()); both
-    do nothing for "none" and on ranks other than 0. The packages are optional: imported only here. Resumed at
-    start_step, TensorBoard purges its later steps; W&B (whose steps only go forward) continues after step `logged`."""
+    """--report-to: a live dashboard fed metrics.jsonl's records (x-axis "step"), the run's args as its config.
+    Returns (report(record), close()), which do nothing for "none" and on ranks other than 0. Resumed at start_step,
+    TensorBoard purges its later steps; W&B (whose steps only go forward) continues after step `logged`."""
     if args.report_to == "none" or not is_main:
         return (lambda record: None), (lambda: None)
     config = dataclasses.asdict(args)
@@ -1562,8 +1541,7 @@ def open_report(args: Args, run_dir, is_main=True, start_step=0, logged=0):
 
 
 def plot_metrics(run_dir):
-    """metrics.jsonl -> metrics.png: reward, accuracy, eval accuracy, completion length, KL and entropy against
-    the step, each panel only when the run logged it. Returns the metric names drawn."""
+    """metrics.jsonl -> metrics.png: a panel per metric the run logged, against the step. Returns the names drawn."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -1622,9 +1600,8 @@ def checkpoint_names(run_dir) -> list[str]:
 
 
 def save_checkpoint(run_dir, step, model, optimizer, scheduler, args: Args, rng_states, data_position, log=print):
-    """rng_states: one rng_state() per rank (each rank samples with its own generator); data_position: where the
-    next step's prompts start in the data order. A save that fails is one line (writing); one that fails or is
-    interrupted leaves no step_NNNNNN.tmp behind."""
+    """rng_states: one rng_state() per rank; data_position: where the next step's prompts start in the data order.
+    A save that fails is one line (writing); one that fails or is interrupted leaves no step_NNNNNN.tmp behind."""
     final = os.path.join(run_dir, "checkpoints", f"step_{step:06d}")
     if os.path.isdir(final):
         return final  # this step is already saved (e.g. a periodic save that is also the last step)
