@@ -252,8 +252,7 @@ def in_interval(value, interval) -> bool:
 
 
 def check_args(args: Args, world_size: int = 1):
-    """Reject impossible settings before anything slow happens: every field against its choices or its
-    valid range (from Args), then the few rules that involve two settings."""
+    """Reject impossible settings before anything slow: each field's choices or valid range, then the other rules."""
     for f in dataclasses.fields(Args):
         values, choices, valid = getattr(args, f.name), f.metadata["choices"], f.metadata["valid"]
         for value in values if isinstance(f.default, tuple) else (values,):  # a repeatable flag: each of its values
@@ -693,9 +692,8 @@ def generate(model, tokenizer, prompts, args: Args, eos_ids, temperature, greedy
 
 
 def concatenate_rollouts(parts, pad_id) -> dict:
-    """One rollout from several (the rounds of --dynamic-sampling), whatever their keys: [N] tensors are concatenated,
-    [N, width] ones padded to the widest first (prompt_* on the left as prompts are, the rest on the right as
-    completions are; *_ids with pad_id, the rest with 0), lists joined, dicts key by key; a number: the last part's."""
+    """One rollout from several (--dynamic-sampling's rounds): tensors concatenated, [N, width] ones padded to the
+    widest (prompt_* left, the rest right; *_ids with pad_id, else 0), lists joined, dicts by key, numbers: the last."""
     def join(key, values):
         if isinstance(values[0], dict):
             return concatenate_rollouts(values, pad_id)
@@ -897,10 +895,9 @@ def sequence_logprobs(model, batch, temperature, memory_mb=256, with_entropy=Fal
     """Per-token log-probs [n, T] of the completions in batch (0 where completion_mask is 0), from the backbone's
     hidden states and the fused gather. with_entropy: (log-probs, the policy's entropy [n, T], no gradient)."""
     prompt_ids, completion_ids, mask = batch["prompt_ids"], batch["completion_ids"], batch["completion_mask"]
-    n, P = prompt_ids.shape
-    T = completion_ids.shape[1]
+    P = prompt_ids.shape[1]
     used = int(mask.any(dim=0).nonzero().max()) + 1 if mask.any() else 0  # trailing all-pad columns are skipped
-    logprobs = torch.zeros(n, T, dtype=torch.float32, device=mask.device)
+    logprobs = torch.zeros(completion_ids.shape, dtype=torch.float32, device=mask.device)
     entropy = torch.zeros_like(logprobs)
     if used == 0:
         return (logprobs, entropy) if with_entropy else logprobs
@@ -1690,8 +1687,7 @@ def load_checkpoint(path, model, optimizer, scheduler, rank=0, world_size=1) -> 
 
 
 def catch_stop_signals(log=print):
-    """SIGINT/SIGTERM: finish the current step, save, exit cleanly. A second Ctrl-C stops at once.
-    Returns (stop, previous handlers); stop["requested"] turns True at the first signal."""
+    """SIGINT/SIGTERM: finish the step, save, exit; a second Ctrl-C stops at once. Returns (stop, previous handlers)."""
     stop = {"requested": False}
 
     def request_stop(signum, frame):
