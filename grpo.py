@@ -89,9 +89,8 @@ RESUME_MUST_MATCH = ("model", "lora_rank", "lora_alpha", "data", "prompts_per_st
 
 
 def arg(default, help, choices=None, valid=None):
-    """One knob: its default, its --help line, its allowed values (choices) or its valid range (valid),
-    written as an interval: "[1, inf)" = at least 1, "(0, 1]" = above 0 and at most 1, "(-inf, inf)" =
-    any finite number. Both are checked at startup (check_args), before anything slow happens."""
+    """One knob: its default, its --help line, its allowed values (choices) or its valid range (valid), an interval:
+    "[1, inf)" = at least 1, "(0, 1]" = above 0 and at most 1, "(-inf, inf)" = finite. check_args checks both."""
     return field(default=default, metadata={"help": help, "choices": choices, "valid": valid})
 
 
@@ -398,9 +397,8 @@ def check_model_fits(args: Args, device):
 
 def load_model(args: Args, device: torch.device):
     """4-bit NF4 base + LoRA (QLoRA, Dettmers et al. 2023). Returns (peft model, tokenizer)."""
-    # Two messages that say nothing is wrong, silenced by exact text (nothing else), before bitsandbytes' import:
-    # on an AVX512-BF16 CPU it logs that the optional `kernels` package's 4-bit kernel is missing (its built-in one,
-    # which we test, runs); peft reads `model.is_gradient_checkpointing`, which transformers >= 5.24 deprecates.
+    # Silenced by exact text, before bitsandbytes' import: two messages that say nothing is wrong (an optional 4-bit
+    # kernel missing: the built-in one runs; peft reading a property that transformers >= 5.24 deprecates).
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
         lambda record: not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward from kernels-community"))
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
@@ -419,9 +417,8 @@ def load_model(args: Args, device: torch.device):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # pad = eos: the completion mask below handles it
     if device.type == "cpu":
-        # Trap: on CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights into an inference-only
-        # layout at the first eval-mode forward (inside generate); the next training forward then
-        # fails with "a view of a leaf Variable that requires grad...". Keep the trainable layout.
+        # Trap: on CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights for inference at the first eval-mode
+        # forward (generate); the next training forward then fails ("a view of a leaf Variable that requires grad").
         for module in model.modules():
             if isinstance(module, bnb.nn.Linear4bit):
                 module.support_avx512bf16_for_cpu = False
@@ -475,9 +472,8 @@ DECODE_ATTENTION = "grpo_decode"  # the attn_implementation name decode_attentio
 
 
 def register_decode_attention() -> str:
-    """Makes decode_attention selectable as attn_implementation=DECODE_ATTENTION, and returns that name. Both
-    registrations are needed: without a mask function of its name, transformers builds no padding mask at all
-    for an attention it does not know, and left-padded prompts would attend to their padding."""
+    """Makes decode_attention selectable as attn_implementation=DECODE_ATTENTION (returned). Without a mask function
+    of that name, transformers builds no padding mask, and left-padded prompts would attend to their padding."""
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
     AttentionInterface.register(DECODE_ATTENTION, decode_attention)
@@ -830,9 +826,8 @@ class TokenLogprobs(torch.autograd.Function):
         logprobs = torch.empty(N, dtype=torch.float32, device=hidden.device)
         entropy = torch.empty_like(logprobs) if with_entropy else None
         slope = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if with_gradient else None
-        # Trap (CPU): a fresh [n, V] block per chunk goes back to the OS when freed, and the next one pays a page
-        # fault per 4 KB (measured here: the GEMM into a new [220, 151,936] block 72-79 ms, into a reused one
-        # 39-56 ms). So the budget's buffers are made once. CUDA's caching allocator reuses its blocks by itself.
+        # Trap (CPU): a fresh [n, V] block per chunk goes back to the OS when freed, and the next one pays a page fault
+        # per 4 KB (a GEMM into a new [220, 151,936] block: 72-79 ms, a reused one 39-56 ms). So buffers are made once.
         rows_max, on_cpu = min(chunk_size, N), hidden.device.type == "cpu"
         buffer = torch.empty(rows_max, V, dtype=torch.float32, device=hidden.device) if on_cpu else None
         second = torch.empty_like(buffer) if on_cpu and with_entropy else None
@@ -1428,8 +1423,8 @@ def format_step_line(m, steps) -> str:
 
 @contextlib.contextmanager
 def writing(path, run_dir):
-    """Writes to one of the run's files. A failure (disk full, no permission, I/O error) stops the run in one line
-    naming the file, the cause and the checkpoint to resume from (--resume redoes the steps after it, once)."""
+    """Writes to one of the run's files: a failure (disk full, no permission) stops the run in one line naming the
+    file, the cause and the checkpoint to resume from."""
     try:
         yield
     except Exception as e:  # OSError, or a library's wrapper of one (safetensors' SafetensorError)
@@ -1476,8 +1471,7 @@ def write_step_records(run_dir, metrics, result, args: Args, log=print):
 
 
 def announce_run(args: Args, run_dir, world_size, num_items, is_main, log=print):
-    """Print the config and the batch geometry derived from it; rank 0 makes the run directory (one that holds
-    another run is refused: --resume continues that) and writes its args.json."""
+    """Print the config and the batch geometry; rank 0 makes the run directory (not one holding a run) + args.json."""
     log("config: " + " ".join(f"{flag(k)} {v}" for k, v in dataclasses.asdict(args).items()))
     local_prompts = args.prompts_per_step // world_size
     sequences = args.prompts_per_step * args.group_size
