@@ -80,8 +80,7 @@ from verify import code_reward, code_sandbox_problem, format_reward, math_reward
 
 
 # -----------------------------------------------------------------------------
-# Config: every knob, with its meaning, allowed values and valid range. The CLI (`--help`, its groups and
-# choices) and the startup checks are generated from it.
+# Config: every knob, its meaning, allowed values and valid range; the CLI and the startup checks come from it.
 
 # Fields that must match the checkpoint's when resuming; everything else may change (e.g. --steps).
 RESUME_MUST_MATCH = ("model", "lora_rank", "lora_alpha", "data", "prompts_per_step", "group_size", "seed",
@@ -484,8 +483,7 @@ def register_decode_attention() -> str:
 @torch.no_grad()
 def build_generation_model(model):
     """A dense copy of the policy for sampling (--generation-model merged): plain GEMMs instead of a dequantize + two
-    LoRA matmuls per linear per token (docs/performance.md). 2 bytes per block weight (26 GB at 14B) while it samples;
-    embeddings, norms and lm_head are shared with the policy, not copied."""
+    LoRA matmuls per linear per token. 2 bytes per block weight while it samples; embeddings, norms, lm_head shared."""
     from transformers import AutoModelForCausalLM
     source = model.get_base_model()
     dtype = source.get_output_embeddings().weight.dtype  # the compute dtype: bf16 on GPU, float32 on CPU
@@ -603,10 +601,9 @@ def token_sampler(temperature, top_p, method, record):
 
 
 def inverse_cdf_draw(scores):
-    """One token per row of softmax(scores) [n, V] (overwritten) and its log-probability, ([n, 1], [n, 1]): the first
-    token whose cumulative probability exceeds u·total, one uniform u per row (on a CPU, torch.multinomial is bound by
-    the random-number generator: docs/performance.md). Two levels keep the sums short: a block of INVERSE_CDF_BLOCK
-    tokens, then the token in it; float64 sums, so a token of probability 0 (masked by top-p) is never picked."""
+    """One token per row of softmax(scores) [n, V] (overwritten) and its log-prob, ([n, 1], [n, 1]): the first whose
+    cumulative probability exceeds u·total, one uniform u per row (torch.multinomial is RNG-bound on a CPU). Two levels
+    (a block, then the token in it) keep the float64 sums short; a token of probability 0 is never picked."""
     n, V = scores.shape
     weights = scores.sub_(scores.amax(dim=1, keepdim=True)).exp_()  # [n, V], unnormalised probs, in place
     full = V // INVERSE_CDF_BLOCK * INVERSE_CDF_BLOCK
@@ -712,8 +709,7 @@ def select_rows(batch, rows) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# Reward: the functions of --reward, called as TRL's GRPOTrainer calls its reward_funcs, checked and weighed.
-# verify.py holds the built-in verdicts; a task of your own is a function in a file (docs/rewards.md).
+# Reward: the functions of --reward, called as TRL's GRPOTrainer calls them, checked and weighed (docs/rewards.md).
 
 
 def builtin_rewards(args: Args, pool=None) -> dict:
@@ -810,9 +806,8 @@ def gather_chunk_rows(vocab_size, memory_mb) -> int:
 
 
 def float32_matmul(a, b, out=None):
-    """a @ b as float32, without a float32 copy of a 16-bit operand (lm_head: 3.1 GB at 14B). On CUDA a bf16 GEMM
-    with float32 accumulation and output: bf16 x bf16 products are exact in float32, so this is the float32 product
-    up to summation order, at bf16 speed. On CPU the weights are float32 already. out: a float32 buffer (CPU)."""
+    """a @ b as float32 without a float32 copy of a 16-bit operand (lm_head: 3.1 GB at 14B): on CUDA a bf16 GEMM with
+    float32 output, exact up to summation order (bf16 products are exact in float32). out: a float32 buffer (CPU)."""
     if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and b.dtype == a.dtype:
         return torch.mm(a, b, out_dtype=torch.float32)  # torch >= 2.11 (requirements.txt); ran on the H200
     return torch.mm(a.float(), b.float(), out=out)
@@ -955,9 +950,8 @@ def advantages_and_loss_mask(rewards, rollout, args: Args):
 
 
 def high_entropy_mask(entropy, loss_mask, quantile):
-    """--top-entropy-quantile ρ: 1 for the trained tokens whose entropy is among the ⌈ρ·n⌉ highest of the n trained
-    tokens of the whole batch, all ranks (ties kept), else 0. [N, T] (Wang et al. 2025: the "forking" tokens carry the
-    learning.) Computed once, before the updates, so micro-batches and ranks all use one threshold."""
+    """--top-entropy-quantile ρ: 1 for the trained tokens whose entropy is among the ⌈ρ·n⌉ highest of the batch's n
+    (all ranks, ties kept), else 0; [N, T]. Computed once, before the updates: one threshold for every micro-batch."""
     trained = torch.cat([e.to(entropy.device) for e in all_gather(entropy[loss_mask.bool()].cpu())])
     if trained.numel() == 0:
         return loss_mask.clone()
@@ -1200,8 +1194,7 @@ def lr_factor(optimizer_step, args: Args) -> float:
 
 
 # -----------------------------------------------------------------------------
-# Distributed (torchrun): data parallel. Each rank generates and scores its own whole groups; only the
-# adapter gradients cross the network. A single process skips all of this.
+# Distributed (torchrun): each rank samples and scores its own whole groups; only adapter gradients cross ranks.
 
 
 def init_distributed(args: Args):
@@ -1566,8 +1559,7 @@ def plot_metrics(run_dir):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: the adapter in peft's format + optimizer/scheduler/RNG/step, written to a temporary
-# directory and renamed, so a crash mid-save never damages the previous checkpoint.
+# Checkpoints: adapter (peft's format) + optimizer/scheduler/RNG/step, written aside and renamed into place.
 
 CHECKPOINT_FILES = ("adapter_model.safetensors", "adapter_config.json", "trainer_state.pt", "args.json")
 
