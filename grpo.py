@@ -14,29 +14,27 @@ and the loss is its negative. π_ref is the frozen base model: the same weights 
 switched off, so no second copy of the model is ever held in memory.
 
 Departures from the paper (each is a flag; the default is listed first):
-  1. KL estimator: k3 = exp(ref - logp) - (ref - logp) - 1 per token (Schulman, "Approximating KL
-     divergence", 2020), added to the loss as in the paper; `--beta 0` skips the reference pass.
-  2. Loss aggregation `--agg`: "seq" = mean over sequences of each sequence's token mean (paper);
-     "token" = one mean over all tokens of the batch (DAPO, Yu et al. 2025); "dr_grpo" = sum over
-     tokens divided by a constant B·G·max_new_tokens (Dr. GRPO, Liu et al. 2025).
-  3. Advantage scale: divided by the group std by default; `--no-scale-advantages` leaves it
-     unscaled (Dr. GRPO), which stops low-variance groups from being up-weighted.
-  4. Inner iterations μ = `--num-iterations` (default 1): with μ = 1, π_old = π_θ, the ratio is
-     exactly 1 and the clip never binds (the gradient is the plain policy gradient). With μ > 1 the
-     old log-probs are computed once before the updates and the clip does its PPO job.
-  5. Asymmetric clipping `--clip-high` (DAPO's "clip-higher" uses 0.28), dropping zero-std groups
-     from the loss (`--drop-zero-std-groups`) or refilling the batch with informative ones (`--dynamic-sampling`,
-     DAPO's dynamic sampling), and masking or penalising completions that hit max_new_tokens (`--overlong`, DAPO).
-  6. Log-probs are computed at the sampling temperature (logits / T), so they are the log-probs of
-     the policy that sampled. top-p truncation is not modelled (as in TRL): departure 9 weighs it.
-  7. On a GPU, rollouts are sampled from a dense bf16 copy of the policy (4-bit base dequantized, LoRA
-     merged, refreshed every step) for speed; it differs from the trained policy by rounding (logged as
-     sampler/*). `--generation-model policy` samples from the 4-bit model itself (26 GB less at 14B).
-  8. `--ratio-level sequence`: GSPO's one ratio per completion (Zheng et al. 2025); `--top-entropy-quantile`:
-     the policy term on the highest-entropy tokens only (Wang et al. 2025). Both off by default.
-  9. Truncated importance sampling `--tis-cap C` (default 2; 0: off; Yao et al. 2025): the sampler (the
-     bf16 copy, top-p) is not exactly π_old, so each token's policy term is weighted by min(π_old/π_sampler, C),
-     π_sampler's log-probs recorded while sampling (no extra pass). An exact sampler gets weight 1.
+  1. KL estimator: k3 = exp(ref - logp) - (ref - logp) - 1 per token (Schulman, "Approximating KL divergence",
+     2020), added to the loss as in the paper; `--beta 0` skips the reference pass.
+  2. Loss aggregation `--agg`: "seq" = mean over sequences of each sequence's token mean (paper); "token" = one
+     mean over all tokens (DAPO, Yu et al. 2025); "dr_grpo" = the sum / B·G·max_new_tokens (Dr. GRPO, Liu et al. 2025).
+  3. Advantage scale: divided by the group std; `--no-scale-advantages` leaves it unscaled (Dr. GRPO), which stops
+     low-variance groups from being up-weighted.
+  4. Inner iterations μ = `--num-iterations` (default 1): with μ = 1, π_old = π_θ, the ratio is exactly 1 and the
+     clip never binds (the plain policy gradient); with μ > 1 the old log-probs are computed once before the updates.
+  5. From DAPO: asymmetric clipping `--clip-high` (DAPO uses 0.28), dropping zero-std groups from the loss
+     (`--drop-zero-std-groups`) or refilling the batch with informative ones (`--dynamic-sampling`), and masking or
+     penalising completions that hit max_new_tokens (`--overlong`).
+  6. Log-probs are computed at the sampling temperature (logits / T): those of the policy that sampled. top-p
+     truncation is not modelled (as in TRL): departure 9 weighs it.
+  7. On a GPU, rollouts are sampled from a dense bf16 copy of the policy (4-bit base dequantized, LoRA merged,
+     refreshed every step) for speed; it differs from the trained policy by rounding (logged as sampler/*).
+     `--generation-model policy` samples from the 4-bit model itself (26 GB less at 14B).
+  8. `--ratio-level sequence`: GSPO's one ratio per completion (Zheng et al. 2025); `--top-entropy-quantile`: the
+     policy term on the highest-entropy tokens only (Wang et al. 2025). Both off by default.
+  9. Truncated importance sampling `--tis-cap C` (default 2; 0: off; Yao et al. 2025): the sampler (bf16 copy, top-p)
+     is not exactly π_old, so each token's policy term is weighted by min(π_old/π_sampler, C), π_sampler's log-probs
+     recorded while sampling (no extra pass). An exact sampler gets weight 1.
 
 Shapes: B prompts per step, G completions per prompt, N = B·G sequences, P prompt tokens,
 T completion tokens, V vocabulary, H hidden size. "mask" is always a 0/1 float of shape [N, T].
@@ -46,11 +44,10 @@ Run it full size (Qwen2.5-14B, 4-bit, one 80 GB GPU):
 Run it tiny, on a CPU, offline (a random 2-layer Qwen2 and a toy task; see README):
     python tiny.py learn
 
-The file in order (each section opens with a `# ----` band): Config (Args) -> Data -> Model -> Rollout ->
-Reward -> Log-probs -> GRPO core -> Update -> Schedules -> Distributed -> One GRPO step (grpo_step, the
-six steps) -> Evaluation -> Logging -> Checkpoints -> main. To add a task: its items (jsonl) and a reward function
-in TRL's form in a file of your own, --reward FILE.py:FUNCTION (docs/rewards.md). To add a loss variant: the GRPO core
-section (group_advantages, grpo_loss), one Args field for its flag, and a test against a slow loop.
+Sections (`# ----` bands): Config -> Data -> Model -> Rollout -> Reward -> Log-probs -> GRPO core -> Update ->
+Schedules -> Distributed -> One GRPO step (grpo_step) -> Evaluation -> Logging -> Checkpoints -> main. A task of
+your own: its items (jsonl) and a reward function in TRL's form, --reward FILE.py:FUNCTION (docs/rewards.md). A loss
+variant: the GRPO core (group_advantages, grpo_loss), one Args field for its flag, a test against a slow loop.
 """
 
 import argparse
@@ -60,6 +57,7 @@ import dataclasses
 import io
 import importlib.util
 import json
+import logging
 import math
 import os
 import random
@@ -70,6 +68,7 @@ import signal
 import sys
 import time
 import urllib.request
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -81,8 +80,7 @@ from verify import code_reward, code_sandbox_problem, format_reward, math_reward
 
 
 # -----------------------------------------------------------------------------
-# Config: every knob, with its meaning, allowed values and valid range. The CLI (`--help`, its groups and
-# choices) and the startup checks are generated from it.
+# Config: every knob, its meaning, allowed values and valid range; the CLI and the startup checks come from it.
 
 # Fields that must match the checkpoint's when resuming; everything else may change (e.g. --steps).
 RESUME_MUST_MATCH = ("model", "lora_rank", "lora_alpha", "data", "prompts_per_step", "group_size", "seed",
@@ -90,9 +88,8 @@ RESUME_MUST_MATCH = ("model", "lora_rank", "lora_alpha", "data", "prompts_per_st
 
 
 def arg(default, help, choices=None, valid=None):
-    """One knob: its default, its --help line, its allowed values (choices) or its valid range (valid),
-    written as an interval: "[1, inf)" = at least 1, "(0, 1]" = above 0 and at most 1, "(-inf, inf)" =
-    any finite number. Both are checked at startup (check_args), before anything slow happens."""
+    """One knob: its default, its --help line, its allowed values (choices) or its valid range (valid), an interval:
+    "[1, inf)" = at least 1, "(0, 1]" = above 0 and at most 1, "(-inf, inf)" = finite. check_args checks both."""
     return field(default=default, metadata={"help": help, "choices": choices, "valid": valid})
 
 
@@ -253,8 +250,7 @@ def in_interval(value, interval) -> bool:
 
 
 def check_args(args: Args, world_size: int = 1):
-    """Reject impossible settings before anything slow happens: every field against its choices or its
-    valid range (from Args), then the few rules that involve two settings."""
+    """Reject impossible settings before anything slow: each field's choices or valid range, then the other rules."""
     for f in dataclasses.fields(Args):
         values, choices, valid = getattr(args, f.name), f.metadata["choices"], f.metadata["valid"]
         for value in values if isinstance(f.default, tuple) else (values,):  # a repeatable flag: each of its values
@@ -370,9 +366,8 @@ def build_prompt(item, tokenizer, use_chat_template=True) -> str:
 
 
 def data_indices(position, count, num_items, seed) -> list[int]:
-    """The items at positions [position, position + count) of the data order: a fresh seeded permutation per
-    epoch, so the order is a pure function of the position. Step s starts at s·B, or with --dynamic-sampling where
-    the step before stopped (checkpoints save it as data_position)."""
+    """The items at positions [position, position + count) of the data order: a seeded permutation per epoch, a pure
+    function of the position. A step starts where the one before stopped (checkpoints save it as data_position)."""
     return [int(np.random.default_rng(seed + p // num_items).permutation(num_items)[p % num_items])  # epoch, offset
             for p in range(position, position + count)]
 
@@ -381,22 +376,17 @@ def data_indices(position, count, num_items, seed) -> list[int]:
 # Model: the base in 4-bit NF4 (frozen), LoRA adapters on every block linear (trained). Plumbing.
 
 
-def model_config_and_size(model_name):
-    """A model's config and parameter count, from the config alone (built on the meta device: no memory, no weights)."""
+def check_model_fits(args: Args, device):
+    """Say so before loading anything when a multi-billion-parameter model is asked for without a GPU. The size
+    comes from the config alone (the model built on the meta device: no memory, no weights)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     try:
-        config = AutoConfig.from_pretrained(model_name)
+        config = AutoConfig.from_pretrained(args.model)
     except Exception as e:  # many exception types: missing dir, no network, bad json
-        fail(f"--model {model_name}: not a local model directory nor reachable on the Hugging Face Hub "
+        fail(f"--model {args.model}: not a local model directory nor reachable on the Hugging Face Hub "
              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
     with torch.device("meta"):
-        meta_model = AutoModelForCausalLM.from_config(config)
-    return config, sum(p.numel() for p in meta_model.parameters())
-
-
-def check_model_fits(args: Args, device):
-    """Say so before loading anything when a multi-billion-parameter model is asked for without a GPU."""
-    config, num_parameters = model_config_and_size(args.model)
+        num_parameters = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
     if device.type != "cuda" and num_parameters > 2e9:
         fail(f"--model {args.model} has {num_parameters / 1e9:.1f}B parameters and this machine has no GPU: "
              "train it on a CUDA GPU, or try the tiny CPU run (python tiny.py learn)")
@@ -404,23 +394,13 @@ def check_model_fits(args: Args, device):
         fail(f"--lora-rank {args.lora_rank} is more than the model's hidden size {config.hidden_size}")
 
 
-def silence_known_harmless_warnings():
-    """Two messages every run printed that say nothing is wrong, silenced by exact text (nothing else):
-    - bitsandbytes on a CPU with AVX512-BF16 tries an optional faster 4-bit kernel from the `kernels`
-      package at import and logs "Failed to load CPU gemm_4bit_forward from kernels-community" when it
-      is not installed; it then uses its own built-in CPU kernel, which is what we test with.
-    - peft's PeftModel.__init__ reads `model.is_gradient_checkpointing`, which transformers >= 5.24
-      deprecates with a FutureWarning on every call; it is peft's call, not ours (we use the new name)."""
-    import logging
-    import warnings
+def load_model(args: Args, device: torch.device):
+    """4-bit NF4 base + LoRA (QLoRA, Dettmers et al. 2023). Returns (peft model, tokenizer)."""
+    # Silenced by exact text, before bitsandbytes' import: two messages that say nothing is wrong (an optional 4-bit
+    # kernel missing: the built-in one runs; peft reading a property that transformers >= 5.24 deprecates).
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
         lambda record: not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward from kernels-community"))
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-
-
-def load_model(args: Args, device: torch.device):
-    """4-bit NF4 base + LoRA (QLoRA, Dettmers et al. 2023). Returns (peft model, tokenizer)."""
-    silence_known_harmless_warnings()  # before bitsandbytes' import, which logs the first one
     import bitsandbytes as bnb
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -436,17 +416,14 @@ def load_model(args: Args, device: torch.device):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # pad = eos: the completion mask below handles it
     if device.type == "cpu":
-        # Trap: on CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights into an inference-only
-        # layout at the first eval-mode forward (inside generate); the next training forward then
-        # fails with "a view of a leaf Variable that requires grad...". Keep the trainable layout.
+        # Trap: on CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights for inference at the first eval-mode
+        # forward (generate); the next training forward then fails ("a view of a leaf Variable that requires grad").
         for module in model.modules():
             if isinstance(module, bnb.nn.Linear4bit):
                 module.support_avx512bf16_for_cpu = False
     if args.gradient_checkpointing:
-        # Non-reentrant checkpointing works with frozen inputs (no enable_input_require_grads hack).
-        # It is only active in train mode: generate runs in eval mode and keeps its KV cache.
-        # transformers >= 5.24 calls it activation_checkpointing_enable; older ones (5.17 on many GPU
-        # images, 4.5x) only have gradient_checkpointing_enable. The same switch under either name.
+        # Non-reentrant: works with frozen inputs (no enable_input_require_grads hack). Active in train mode only,
+        # so generate (eval mode) keeps its KV cache. transformers >= 5.24 renamed it activation_checkpointing_enable.
         if hasattr(model, "activation_checkpointing_enable"):
             model.activation_checkpointing_enable({"use_reentrant": False})
         else:
@@ -467,22 +444,17 @@ def load_model(args: Args, device: torch.device):
 def end_of_sequence_ids(model, tokenizer) -> list[int]:
     """Every token that ends a completion: the tokenizer's EOS, the model's generation EOS and, for chat
     templates, the end-of-turn token (Qwen's base EOS is <|endoftext|> but a chat turn ends <|im_end|>)."""
-    ids = {tokenizer.eos_token_id}
     generation_eos = model.generation_config.eos_token_id
-    ids.update(generation_eos if isinstance(generation_eos, list) else [generation_eos])
-    for token in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
-        token_id = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
-            ids.add(token_id)
+    turn_ends = [tokenizer.convert_tokens_to_ids(token) for token in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>")]
+    ids = {tokenizer.eos_token_id, *(generation_eos if isinstance(generation_eos, list) else [generation_eos]),
+           *(i for i in turn_ends if isinstance(i, int) and i != tokenizer.unk_token_id)}
     return sorted(i for i in ids if i is not None)
 
 
 def decode_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
-    """transformers' sdpa attention, except for one query token with grouped KV heads (every decode step):
-    there, sdpa with a padding mask would first copy each KV head to its query heads (repeat_kv: the whole
-    KV cache, 5x at 14B, every layer and step); instead a KV head's query heads become the rows of one
-    query block, query [B, kv_heads, groups, D] against key/value [B, kv_heads, L, D], with no copy. (Newer
-    transformers do the same themselves.) Registered for the dense sampler only (build_generation_model)."""
+    """transformers' sdpa attention, except for one query token with grouped KV heads (every decode step), where
+    sdpa would first copy each KV head to its query heads (repeat_kv: the whole KV cache, 5x at 14B, every layer
+    and step): a KV head's query heads become the rows of one query block instead. For the dense sampler only."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     groups = getattr(module, "num_key_value_groups", 1)
     batch, heads, length, dim = query.shape  # [B, heads, q, D]
@@ -499,9 +471,8 @@ DECODE_ATTENTION = "grpo_decode"  # the attn_implementation name decode_attentio
 
 
 def register_decode_attention() -> str:
-    """Makes decode_attention selectable as attn_implementation=DECODE_ATTENTION, and returns that name. Both
-    registrations are needed: without a mask function of its name, transformers builds no padding mask at all
-    for an attention it does not know, and left-padded prompts would attend to their padding."""
+    """Makes decode_attention selectable as attn_implementation=DECODE_ATTENTION (returned). Without a mask function
+    of that name, transformers builds no padding mask, and left-padded prompts would attend to their padding."""
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
     AttentionInterface.register(DECODE_ATTENTION, decode_attention)
@@ -511,11 +482,8 @@ def register_decode_attention() -> str:
 
 @torch.no_grad()
 def build_generation_model(model):
-    """A dense copy of the policy for sampling only (--generation-model merged; auto on CUDA). 4-bit decoding pays
-    a dequantize + two LoRA matmuls per linear per token; a dense copy decodes with plain GEMMs (measured on an
-    H200, 8-layer slice of 14B, 128 x 256 tokens: 5.0 s vs 8.3 s; README Performance). Costs 2 bytes per
-    block weight (26 GB at 14B) while it samples (released for the training passes); embeddings, norms and
-    lm_head are shared with the policy, not copied."""
+    """A dense copy of the policy for sampling (--generation-model merged): plain GEMMs instead of a dequantize + two
+    LoRA matmuls per linear per token. 2 bytes per block weight while it samples; embeddings, norms, lm_head shared."""
     from transformers import AutoModelForCausalLM
     source = model.get_base_model()
     dtype = source.get_output_embeddings().weight.dtype  # the compute dtype: bf16 on GPU, float32 on CPU
@@ -549,7 +517,7 @@ def merged_linears(model, dense):
 @torch.no_grad()
 def refresh_generation_model(model, dense):
     """W = dequantize(W_nf4) + scaling·(B @ A) for every LoRA linear: the current policy, densely.
-    Called after every optimizer step, before the next rollout (re-allocating what release freed)."""
+    Called after every optimizer step, before the next rollout."""
     import bitsandbytes as bnb
     for module, original in merged_linears(model, dense):
         base = original.base_layer.weight
@@ -557,16 +525,13 @@ def refresh_generation_model(model, dense):
         for adapter in original.active_adapters:
             weight += original.scaling[adapter] * (original.lora_B[adapter].weight.float()
                                                    @ original.lora_A[adapter].weight.float())
-        if module.weight.numel() == 0:  # freed by release_generation_model for the training passes
-            module.weight.data = torch.empty(weight.shape, dtype=module.weight.dtype, device=weight.device)
-        module.weight.data.copy_(weight)  # rounded to the compute dtype once, here
+        module.weight.data = weight.to(module.weight.dtype)  # rounded once, here; (re)allocates what release freed
     return dense
 
 
 def release_generation_model(model, dense):
-    """Frees the dense copy's own weights once the rollout is sampled (2 bytes per block weight: 26 GB at
-    14B), so the reference and training passes do not hold them; refresh_generation_model allocates them
-    again after the update. Shared tensors (embeddings, norms, lm_head) are the policy's and stay."""
+    """Frees the dense copy's own weights once the rollout is sampled, so the reference and training passes do not
+    hold them; refresh_generation_model allocates them again after the update. Shared tensors stay."""
     for module, _ in merged_linears(model, dense):
         module.weight.data = torch.empty(0, dtype=module.weight.dtype, device=module.weight.device)
 
@@ -576,24 +541,17 @@ def release_generation_model(model, dense):
 
 
 def completion_mask_from_ids(completion_ids, eos_ids):
-    """mask[i, t] = 1 for tokens up to AND including the first EOS (EOS must be trained, or the policy
-    never learns to stop); 0 after it. generate pads finished rows with pad, which may equal EOS:
-    only the first EOS counts. Returns (mask [N, T] float, truncated [N] bool: no EOS at all)."""
-    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))  # [N, T]
-    truncated = ~is_eos.any(dim=1)  # [N]
-    T = completion_ids.shape[1]
-    first_eos = torch.where(truncated, T - 1, is_eos.int().argmax(dim=1))  # [N], argmax = first True
-    positions = torch.arange(T, device=completion_ids.device)  # [T]
-    mask = (positions[None, :] <= first_eos[:, None]).float()  # [N, T]
-    return mask, truncated
+    """mask[i, t] = 1 up to AND including the first EOS (trained, or the policy never learns to stop), 0 after it
+    (pad may equal EOS: only the first counts). Returns (mask [N, T] float, truncated [N] bool: no EOS at all)."""
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device)).int()  # [N, T]
+    mask = (is_eos.cumsum(dim=1) - is_eos == 0).float()  # [N, T]: no EOS before t
+    return mask, is_eos.sum(dim=1) == 0
 
 
 def generation_chunk_size(config, sequences, prompt_tokens, max_new_tokens, free_bytes, dtype_bytes) -> int:
-    """Sequences per generate call that fit free_bytes. A decode step costs nearly the same for 16 rows as
-    for 128 (it reads every weight once either way), so fewer, larger chunks are faster. Per sequence:
-    its KV cache, 2 (K, V) x layers x kv_heads x head_dim x dtype bytes per token (192 KiB at 14B) for
-    P + T tokens; the prefill's MLP activations (~4 x intermediate per prompt token); and the sampler's
-    float32 [V] rows (logits, processors, top-p sort: ~8 copies). Chunks are balanced (200 -> 100 + 100)."""
+    """Sequences per generate call that fit free_bytes (a decode step costs nearly the same for 16 rows as for 128,
+    so fewer, larger chunks are faster). Per sequence: its KV cache for P + T tokens, the prefill's MLP activations
+    and the sampler's float32 [V] rows (~8 copies). Chunks are balanced (200 -> 100 + 100)."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     kv_per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * dtype_bytes
@@ -619,11 +577,9 @@ INVERSE_CDF_BLOCK = 1024  # vocabulary entries per block of the two-level draw b
 
 def token_sampler(temperature, top_p, method, record):
     """A logits processor that samples the next token itself, for a greedy (do_sample=False) generate: temperature
-    and top-p exactly as generate's sampling applies them, one token drawn per row ("multinomial": generate's own
-    calls, so the same tokens from the same seed; "inverse_cdf": inverse_cdf_draw), its log-probability under the
-    distribution drawn from (log π_sampler, departure 9) appended to the list record ([n] per step: no [n, V] tensor
-    outlives the step), and scores 0 at that token, -inf elsewhere, returned for generate's argmax. (generate's own
-    sampling hides that distribution: its processors run before temperature and top-p, and the draw after them.)"""
+    and top-p as generate applies them, one token per row ("multinomial": generate's own calls, the same tokens from
+    the same seed; "inverse_cdf": inverse_cdf_draw), its log π_sampler (departure 9) appended to record ([n] per step,
+    no [n, V] kept), and scores 0 at that token, -inf elsewhere for generate's argmax (its own draw hides π_sampler)."""
     from transformers import TopPLogitsWarper
     top_p_warper = TopPLogitsWarper(top_p) if top_p < 1.0 else None
 
@@ -645,12 +601,9 @@ def token_sampler(temperature, top_p, method, record):
 
 
 def inverse_cdf_draw(scores):
-    """One token per row of softmax(scores) [n, V] (overwritten) and its log-probability, ([n, 1], [n, 1]). Why: on a
-    CPU, torch.multinomial over 152k probabilities is bound by the random-number generator (it draws far more than one
-    number per row) and took ~77% of a tiny model's generate. Inverse CDF needs one uniform u per row: the token is the
-    first whose cumulative probability exceeds u·total. Two levels keep the cumulative sums short: a block of
-    INVERSE_CDF_BLOCK tokens by its total weight, then the token inside it; both sums are float64, so a token's chance
-    is its probability up to float32 rounding, and a token of probability 0 (masked by top-p) is never picked."""
+    """One token per row of softmax(scores) [n, V] (overwritten) and its log-prob, ([n, 1], [n, 1]): the first whose
+    cumulative probability exceeds u·total, one uniform u per row (torch.multinomial is RNG-bound on a CPU). Two levels
+    (a block, then the token in it) keep the float64 sums short; a token of probability 0 is never picked."""
     n, V = scores.shape
     weights = scores.sub_(scores.amax(dim=1, keepdim=True)).exp_()  # [n, V], unnormalised probs, in place
     full = V // INVERSE_CDF_BLOCK * INVERSE_CDF_BLOCK
@@ -674,12 +627,10 @@ def inverse_cdf_draw(scores):
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts, args: Args, eos_ids, temperature, greedy=False, log=print, progress=""):
-    """Sample one completion per prompt string (repeat a prompt G times for a group), in chunks of
-    --generation-chunk sequences (0: sized from free memory). Returns a dict of CPU tensors: prompt_ids and
-    prompt_mask [N, P] (left padded), completion_ids [N, T], completion_mask [N, T], truncated [N], sampler_logp
-    [N, T] float32 (log π_sampler of each sampled token as token_sampler recorded it; 0 where the mask is 0, and
-    for greedy); texts (the decoded completions) and generation_chunk (the chunk size used). progress: the label
-    of a progress bar in decode steps, drawn only when stderr is a terminal; "" = none."""
+    """One completion per prompt string (a group: a prompt repeated G times), in chunks of --generation-chunk
+    sequences (0: sized from free memory). Returns CPU tensors prompt_ids, prompt_mask [N, P] (left padded),
+    completion_ids, completion_mask [N, T], truncated [N], sampler_logp [N, T] float32 (token_sampler's record; 0
+    off the mask and for greedy); texts; generation_chunk (the size used). progress: a progress bar's label or ""."""
     from tqdm import tqdm
     device = model.device
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -692,9 +643,8 @@ def generate(model, tokenizer, prompts, args: Args, eos_ids, temperature, greedy
         model.config, len(prompts), prompt_ids.shape[1], args.max_new_tokens, free_memory_bytes(device),
         dtype_bytes=2 if device.type == "cuda" else 4)
     chunks, logps, start = [], [], 0
-    # A progress bar in decode steps: on a terminal only (disable=None: logs and CI get nothing), erased when done
-    # (leave=False), ticked by a stopping criterion that never stops anything, redrawn at every tick (a decode step
-    # costs far more than a redraw, and the bar shows the same thing however fast the machine is).
+    # A progress bar in decode steps, on a terminal only (disable=None), ticked by a stopping criterion that never
+    # stops, redrawn at every tick (a decode step costs far more than a redraw).
     bar = tqdm(total=math.ceil(len(prompts) / chunk_size) * args.max_new_tokens, desc=progress, unit="tok",
                leave=False, file=sys.stderr, disable=None if progress else True, mininterval=0, miniters=1)
     def tick(input_ids, scores, **kwargs):
@@ -735,9 +685,8 @@ def generate(model, tokenizer, prompts, args: Args, eos_ids, temperature, greedy
 
 
 def concatenate_rollouts(parts, pad_id) -> dict:
-    """One rollout from several (the rounds of --dynamic-sampling), whatever their keys: [N] tensors are concatenated,
-    [N, width] ones padded to the widest first (prompt_* on the left as prompts are, the rest on the right as
-    completions are; *_ids with pad_id, the rest with 0), lists joined, dicts key by key; a number: the last part's."""
+    """One rollout from several (--dynamic-sampling's rounds): tensors concatenated, [N, width] ones padded to the
+    widest (prompt_* left, the rest right; *_ids with pad_id, else 0), lists joined, dicts by key, numbers: the last."""
     def join(key, values):
         if isinstance(values[0], dict):
             return concatenate_rollouts(values, pad_id)
@@ -760,8 +709,7 @@ def select_rows(batch, rows) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# Reward: the functions of --reward, called as TRL's GRPOTrainer calls its reward_funcs, checked and weighed.
-# verify.py holds the built-in verdicts; a task of your own is a function in a file (docs/rewards.md).
+# Reward: the functions of --reward, called as TRL's GRPOTrainer calls them, checked and weighed (docs/rewards.md).
 
 
 def builtin_rewards(args: Args, pool=None) -> dict:
@@ -819,11 +767,10 @@ def reward_functions(args: Args, pool) -> list[tuple]:
 
 
 def score(completions, items, reward_funcs, **context) -> dict:
-    """Each reward function on the batch as TRL's GRPOTrainer calls it: fn(prompts=the items' "prompt", completions=,
-    **context (completion_ids, trainer_state), **columns (the items' other fields as lists, None where missing)).
-    A None value is "not applicable" (TRL): out of the weighted sum and that reward's statistics; None from every
-    function: unscorable, reward NaN. Returns rewards [N] = Σ weight·value, per_reward {name: [N], NaN for None}.
-    A function that raises, or returns a wrong length or a value neither finite nor None, ends the run."""
+    """Each reward function on the batch as TRL's GRPOTrainer calls it (docs/rewards.md): fn(prompts=, completions=,
+    **context, **columns: the items' other fields as lists). None is "not applicable": out of the weighted sum and
+    the reward's statistics; None from every function: reward NaN (unscorable). Returns rewards [N] = Σ weight·value,
+    per_reward {name: [N], NaN for None}. A raise, a wrong length or a value neither finite nor None ends the run."""
     keys = dict.fromkeys(key for item in items for key in item if key != "prompt")
     prompts, columns = [item["prompt"] for item in items], {key: [item.get(key) for item in items] for key in keys}
     per_reward, weights = {}, []
@@ -845,30 +792,22 @@ def score(completions, items, reward_funcs, **context) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# Log-probs: a fused, chunked lm_head + log-softmax + gather, so [N, V] logits never exist.
-#
-# With V = 152k, the logits of 16 × 2,048 tokens are 20 GB in float32, and autograd would keep
-# their softmax for backward. We only need one number per token: log p(target) = logit[target] -
-# logsumexp(logits). So forward walks the tokens in chunks, keeps the log-prob of each target, and
-# from the same chunk's softmax forms each token's gradient row (d logp / d logits = onehot - softmax,
-# times lm_head): backward only scales those rows. The idea is the one behind Liger-Kernel's
-# FusedLinearCrossEntropy and Apple's Cut Cross-Entropy (Wijmans et al. 2024), written here in plain
-# torch: no Triton, no torch.compile.
+# Log-probs: a fused, chunked lm_head + log-softmax + gather, so [N, V] logits never exist (16 × 2,048 tokens
+# × 152k vocabulary: 20 GB in float32). Forward keeps each target's log p = logit - logsumexp and, from the same
+# chunk's softmax, its [H] gradient row ("slope": log p_i depends on hidden_i alone); backward only scales those
+# rows. Two [N, V]-sized GEMMs instead of three, at the cost of the [N, H] float32 slope (docs/algorithm.md).
+# The idea of Liger-Kernel's FusedLinearCrossEntropy and Cut Cross-Entropy (Wijmans et al. 2024), in plain torch.
 
 
 def gather_chunk_rows(vocab_size, memory_mb) -> int:
-    """Rows per chunk so that a chunk's [rows, V] float32 logits plus one more buffer of the same size
-    (the exps when entropy is asked, or the 16-bit copy for the GEMM on GPU; all else is in place) fit the
-    memory budget."""
+    """Rows per chunk so that a chunk's [rows, V] float32 logits plus one more buffer of that size (the exps for
+    entropy, or the 16-bit copy for the GEMM on GPU; all else is in place) fit the memory budget."""
     return max(1, int(memory_mb * 2**20) // (2 * 4 * vocab_size))
 
 
 def float32_matmul(a, b, out=None):
-    """a @ b as float32, without a float32 copy of a 16-bit operand. On CUDA a bf16 (or fp16) GEMM with
-    float32 accumulation and output (torch.mm's out_dtype): bf16 x bf16 products are exact in float32, so
-    this is the float32 product of the same numbers up to summation order, at bf16 GEMM speed, and no
-    [V, H] float32 copy of lm_head (3.1 GB at 14B) is made. On CPU the weights are float32 already.
-    out: a float32 buffer for the product, CPU only (CUDA's caching allocator makes a fresh one cheap)."""
+    """a @ b as float32 without a float32 copy of a 16-bit operand (lm_head: 3.1 GB at 14B): on CUDA a bf16 GEMM with
+    float32 output, exact up to summation order (bf16 products are exact in float32). out: a float32 buffer (CPU)."""
     if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and b.dtype == a.dtype:
         return torch.mm(a, b, out_dtype=torch.float32)  # torch >= 2.11 (requirements.txt); ran on the H200
     return torch.mm(a.float(), b.float(), out=out)
@@ -881,22 +820,18 @@ class TokenLogprobs(torch.autograd.Function):
         N, V = hidden.shape[0], weight.shape[0]
         logprobs = torch.empty(N, dtype=torch.float32, device=hidden.device)
         entropy = torch.empty_like(logprobs) if with_entropy else None
-        # The gradient is formed here, from the softmax the log-probs need anyway (as Liger-Kernel's fused
-        # linear cross-entropy does), not by recomputing each chunk's logits in backward: log p_i depends on
-        # hidden_i alone, so d log p_i / d hidden_i is one [H] row per token ("slope"), and backward only scales
-        # it by the incoming gradient. Two [N, V]-sized GEMMs instead of three, one softmax instead of two; the
-        # price is that [N, H] float32 slope kept for backward instead of the hidden states.
         slope = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if with_gradient else None
-        # Trap (CPU): a fresh [n, V] block per chunk goes back to the OS when freed, and the next one pays a page
-        # fault per 4 KB (measured here: the GEMM into a new [220, 151,936] block 72-79 ms, into a reused one
-        # 39-56 ms). So the budget's buffers are made once. CUDA's caching allocator reuses its blocks by itself.
+        # Trap (CPU): a fresh [n, V] block per chunk goes back to the OS when freed, and the next one pays a page fault
+        # per 4 KB (a GEMM into a new [220, 151,936] block: 72-79 ms, a reused one 39-56 ms). So buffers are made once.
         rows_max, on_cpu = min(chunk_size, N), hidden.device.type == "cpu"
         buffer = torch.empty(rows_max, V, dtype=torch.float32, device=hidden.device) if on_cpu else None
         second = torch.empty_like(buffer) if on_cpu and with_entropy else None
         for start in range(0, N, chunk_size):
             rows = slice(start, start + chunk_size)
             n, index = hidden[rows].shape[0], targets[rows, None]  # index [n, 1]
-            logits = chunk_logits(hidden[rows], weight, temperature, None if buffer is None else buffer[:n])  # [n, V]
+            logits = float32_matmul(hidden[rows], weight.T, None if buffer is None else buffer[:n])  # [n, V]
+            if temperature != 1.0:
+                logits.div_(temperature)  # in place: no second [n, V] buffer
             logits.sub_(logits.amax(dim=1, keepdim=True))  # z - max: exp never overflows, and the max's term is 1
             target = logits.gather(1, index).squeeze(1)  # [n] z_t - max (before any exp: log p_t stays finite)
             if with_entropy:  # e = exp(z - max) in the second buffer, then Σ_v e_v (z_v - max) in the first
@@ -935,16 +870,10 @@ class TokenLogprobs(torch.autograd.Function):
         return grad_hidden, None, None, None, None, None, None
 
 
-def chunk_logits(hidden_chunk, weight, temperature, out=None):
-    logits = float32_matmul(hidden_chunk, weight.T, out)  # [n, V] float32 (into out's memory when given)
-    return logits.div_(temperature) if temperature != 1.0 else logits  # in place: no second [n, V] buffer
-
-
 def token_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=None, memory_mb=256, with_entropy=False):
-    """log softmax(hidden @ weight.T / temperature)[targets], as float32 [N], in chunks of rows.
-    hidden [N, H] (gradient flows), weight [V, H] (no gradient), targets [N] int64. chunk_size=None
-    picks the rows per chunk from memory_mb. with_entropy: returns (log-probs, entropy [N] float32 of
-    softmax(logits / temperature), no gradient), from the same chunks. test_grpo.py checks both against float64."""
+    """log softmax(hidden @ weight.T / temperature)[targets], as float32 [N], in chunks of rows (chunk_size=None:
+    from memory_mb). hidden [N, H] (gradient flows), weight [V, H] (no gradient), targets [N] int64. with_entropy:
+    (log-probs, entropy [N] float32 of softmax(logits / temperature), no gradient), from the same chunks."""
     if chunk_size is None:
         chunk_size = gather_chunk_rows(weight.shape[0], memory_mb)
     with_gradient = torch.is_grad_enabled() and hidden.requires_grad  # else the slope's GEMM is skipped (reference pass)
@@ -953,14 +882,12 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=None, me
 
 
 def sequence_logprobs(model, batch, temperature, memory_mb=256, with_entropy=False):
-    """Per-token log-probs [n, T] of the completions in batch (0 where completion_mask is 0), from the
-    backbone's hidden states and the fused gather. Gradients flow when called with grad enabled.
-    with_entropy: returns (log-probs, the policy's entropy per token [n, T], no gradient)."""
+    """Per-token log-probs [n, T] of the completions in batch (0 where completion_mask is 0), from the backbone's
+    hidden states and the fused gather. with_entropy: (log-probs, the policy's entropy [n, T], no gradient)."""
     prompt_ids, completion_ids, mask = batch["prompt_ids"], batch["completion_ids"], batch["completion_mask"]
-    n, P = prompt_ids.shape
-    T = completion_ids.shape[1]
+    P = prompt_ids.shape[1]
     used = int(mask.any(dim=0).nonzero().max()) + 1 if mask.any() else 0  # trailing all-pad columns are skipped
-    logprobs = torch.zeros(n, T, dtype=torch.float32, device=mask.device)
+    logprobs = torch.zeros(completion_ids.shape, dtype=torch.float32, device=mask.device)
     entropy = torch.zeros_like(logprobs)
     if used == 0:
         return (logprobs, entropy) if with_entropy else logprobs
@@ -986,9 +913,8 @@ def sequence_logprobs(model, batch, temperature, memory_mb=256, with_entropy=Fal
 
 
 def group_advantages(rewards, group_size, scale=True, eps=1e-4):
-    """Â_i = (R_i - mean of its group) / (std of its group + eps); rewards [B*G] with each group's G
-    completions contiguous. scale=False leaves out the division (Dr. GRPO). A group with identical
-    rewards gets exactly 0: it says nothing about which completion is better."""
+    """Â_i = (R_i - mean of its group) / (std of its group + eps); rewards [B*G], each group's G contiguous.
+    scale=False: no division (Dr. GRPO). A group with identical rewards gets exactly 0: it says nothing."""
     if rewards.isnan().any():  # unscorable (NaN: no reward function applied): 0, out of the group's mean and std (TRL)
         advantages = torch.zeros_like(rewards)
         for scored in (group[~rewards[group].isnan()] for group in torch.arange(len(rewards)).view(-1, group_size)):
@@ -1005,9 +931,8 @@ def group_advantages(rewards, group_size, scale=True, eps=1e-4):
 
 
 def advantages_and_loss_mask(rewards, rollout, args: Args):
-    """Group advantages [N] and the loss mask [N, T] of a rollout, with DAPO's options: --overlong
-    penalty (lower the reward) or mask, and --drop-zero-std-groups. Returns (rewards after any
-    penalty [N], advantages [N], loss_mask [N, T], zero_std [B])."""
+    """Group advantages and the loss mask of a rollout, with DAPO's --overlong penalty or mask and
+    --drop-zero-std-groups. Returns (rewards after any penalty [N], advantages [N], loss_mask [N, T], zero_std [B])."""
     truncated = rollout["truncated"]  # [N]
     if args.overlong == "penalty":
         rewards = rewards - args.overlong_penalty * truncated.float()  # a new tensor: scores stay as verified
@@ -1025,10 +950,8 @@ def advantages_and_loss_mask(rewards, rollout, args: Args):
 
 
 def high_entropy_mask(entropy, loss_mask, quantile):
-    """--top-entropy-quantile ρ: 1 for the trained tokens whose entropy is among the ⌈ρ·n⌉ highest of the n
-    trained tokens of the whole batch, on every rank (ties kept), else 0. [N, T] (Wang et al. 2025: the
-    "forking" tokens carry the learning; they keep ρ = 0.2.) Computed once, before the updates, so
-    micro-batches and ranks all use one threshold."""
+    """--top-entropy-quantile ρ: 1 for the trained tokens whose entropy is among the ⌈ρ·n⌉ highest of the batch's n
+    (all ranks, ties kept), else 0; [N, T]. Computed once, before the updates: one threshold for every micro-batch."""
     trained = torch.cat([e.to(entropy.device) for e in all_gather(entropy[loss_mask.bool()].cpu())])
     if trained.numel() == 0:
         return loss_mask.clone()
@@ -1049,12 +972,11 @@ def loss_denominator(mask, agg, max_new_tokens=None):
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_low=0.2, clip_high=0.2, beta=0.04, agg="seq",
               denominator=None, ratio_level="token", policy_mask=None, sampler_logp=None, tis_cap=0.0):
-    """The negated GRPO objective. logp/old_logp/ref_logp/mask [N, T], advantages [N]; ref_logp may be
-    None when beta == 0. denominator: the batch-wide normalizer (loss_denominator) when this is one
-    micro-batch of a larger batch; None computes it from this batch. ratio_level "sequence": GSPO's one
-    ratio per completion. policy_mask [N, T]: 0/1, the tokens whose policy term counts (the KL term
-    counts all of mask); None: all. sampler_logp [N, T]: log π_sampler of the sampled tokens (generate's
-    record); with tis_cap C > 0 the policy term is weighted by min(π_old / π_sampler, C). Returns (loss, stats)."""
+    """The negated GRPO objective. logp/old_logp/ref_logp/mask [N, T], advantages [N]; ref_logp may be None when
+    beta == 0. denominator: the batch-wide normalizer (loss_denominator) when this is one micro-batch of a larger
+    batch; None computes it from this batch. ratio_level "sequence": GSPO's one ratio per completion. policy_mask
+    [N, T]: 0/1, the tokens whose policy term counts (the KL term counts all of mask); None: all. sampler_logp [N, T]:
+    log π_sampler (generate's record); with tis_cap C > 0 the policy term is weighted by min(π_old / π_sampler, C)."""
     A = advantages[:, None]  # [N, 1], one advantage for every token of a completion
     ratio = torch.exp(logp - old_logp)  # [N, T], π_θ / π_old; exactly 1 when old_logp = logp.detach()
     if ratio_level == "sequence":
@@ -1106,9 +1028,8 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_low=0.2, clip_hig
 
 
 def sequence_lengths(batch) -> list[int]:
-    """Tokens each sequence costs in a forward: the batch's (left-padded) prompt width P plus its completion up
-    to its last masked token. A micro-batch costs (its size) × (its longest), as sequence_logprobs cuts the
-    all-pad columns after the micro-batch's longest completion."""
+    """Tokens each sequence costs in a forward: the batch's prompt width P plus its completion up to its last masked
+    token. A micro-batch costs (its size) × (its longest): sequence_logprobs cuts the all-pad columns."""
     mask = batch["completion_mask"]  # [N, T]
     positions = torch.arange(1, mask.shape[1] + 1, device=mask.device)  # [T]
     completion = (positions * (mask != 0)).amax(dim=1) if mask.shape[1] else torch.zeros(mask.shape[0])  # [N]
@@ -1117,9 +1038,8 @@ def sequence_lengths(batch) -> list[int]:
 
 def micro_batch_plan(lengths, max_sequences, max_tokens=0) -> list[list[int]]:
     """Which sequences go in each micro-batch (indices into the batch). max_tokens = 0: consecutive runs of
-    max_sequences, in batch order. max_tokens > 0: sorted longest first, each micro-batch filled while
-    (its size) × (its longest) ≤ max_tokens; a sequence longer than max_tokens goes alone. Longest first
-    also puts the step's biggest micro-batch first, so an out-of-memory comes before any other work."""
+    max_sequences. max_tokens > 0: sorted longest first (an out-of-memory comes first, before any other work), each
+    micro-batch filled while (its size) × (its longest) ≤ max_tokens; a longer sequence goes alone."""
     if max_tokens <= 0:
         return [list(range(start, min(start + max_sequences, len(lengths))))
                 for start in range(0, len(lengths), max_sequences)]
@@ -1134,23 +1054,20 @@ def micro_batch_plan(lengths, max_sequences, max_tokens=0) -> list[list[int]]:
     return plan
 
 
-def micro_batches(batch, size, plan=None):
-    """The micro-batches of batch: consecutive runs of size sequences, or the index lists of plan."""
-    n = batch["completion_ids"].shape[0]
-    for rows in plan or micro_batch_plan([0] * n, size):
-        index = torch.tensor(rows, device=batch["completion_ids"].device)
-        yield {k: v[index] for k, v in batch.items()}
+def micro_batches(batch, args: Args):
+    """(rows, micro-batch) for each micro-batch micro_batch_plan makes of batch; rows: its indices in batch."""
+    for rows in micro_batch_plan(sequence_lengths(batch), args.micro_batch, args.micro_batch_tokens):
+        rows = torch.tensor(rows, device=batch["completion_ids"].device)
+        yield rows, {k: v[rows] for k, v in batch.items()}
 
 
 @torch.no_grad()
 def batch_logprobs(model, batch, args: Args, temperature, reference=False, with_entropy=False):
     """Log-probs [N, T] of a whole batch without gradient: π_old (μ > 1) or, with adapters off, π_ref.
     with_entropy: (log-probs, entropy [N, T])."""
-    plan = micro_batch_plan(sequence_lengths(batch), args.micro_batch, args.micro_batch_tokens)
     logprobs = torch.zeros(batch["completion_ids"].shape, dtype=torch.float32, device=batch["completion_ids"].device)
     entropy = torch.zeros_like(logprobs)
-    for rows, micro in zip(plan, micro_batches(batch, args.micro_batch, plan)):
-        rows = torch.tensor(rows, device=logprobs.device)  # rows back in batch order whatever order the plan ran
+    for rows, micro in micro_batches(batch, args):  # rows: back in batch order whatever order the plan ran
         with model.disable_adapter() if reference else contextlib.nullcontext():  # π_ref: the 4-bit base, LoRA off
             result = sequence_logprobs(model, micro, temperature, args.logprob_memory_mb, with_entropy)
         logprobs[rows], entropy[rows] = result if with_entropy else (result, 0.0)
@@ -1158,17 +1075,14 @@ def batch_logprobs(model, batch, args: Args, temperature, reference=False, with_
 
 
 def accumulate_gradients(model, batch, args: Args, temperature, denominator):
-    """Forward + backward every micro-batch of batch (tensors on the model's device; batch["loss_mask"]
-    selects trained tokens). Because each micro-batch loss is divided by the batch-wide denominator,
-    the summed gradients equal the gradient of the whole-batch loss. Returns token-weighted stats."""
+    """Forward + backward every micro-batch of batch (batch["loss_mask"]: the trained tokens). Each micro-batch loss is
+    divided by the whole batch's denominator, so the summed gradients are the batch's. Returns token-weighted stats."""
     totals = {}
     device = batch["completion_ids"].device
-    # Trap: gradient checkpointing only acts in train mode, and from_pretrained returns an eval-mode model.
-    # With the merged sampler nothing else switches the policy back (measured at 14B on an H200: 108 GiB
-    # peak for 16 x 296 tokens without this line), so say it here, where gradients are made.
+    # Trap: gradient checkpointing only acts in train mode, and from_pretrained returns an eval-mode model; with the
+    # merged sampler nothing else switches it (14B on an H200: 108 GiB peak for 16 x 296 tokens without this line).
     model.train()
-    plan = micro_batch_plan(sequence_lengths(batch), args.micro_batch, args.micro_batch_tokens)
-    for micro in micro_batches(batch, args.micro_batch, plan):
+    for _, micro in micro_batches(batch, args):
         # --offload-activations: every tensor autograd saves (the checkpointed block inputs, the gather's
         # hidden states) waits in CPU memory until backward: PyTorch's save_on_cpu, at a copy's cost.
         offload = (torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda") if args.offload_activations
@@ -1190,25 +1104,10 @@ def accumulate_gradients(model, batch, args: Args, temperature, denominator):
     return {k: (v / denominator if k == "loss" else v if k == "tokens" else v / tokens) for k, v in totals.items()}
 
 
-def smaller_micro_batches(lengths, args: Args) -> bool:
-    """Halve --micro-batch (or --micro-batch-tokens) in place, again until the plan for these lengths
-    changes (halving 16 to 8 changes nothing for a batch of 8). False when every micro-batch already
-    holds one sequence: there is nothing left to split."""
-    name = "micro_batch_tokens" if args.micro_batch_tokens > 0 else "micro_batch"
-    plan = micro_batch_plan(lengths, args.micro_batch, args.micro_batch_tokens)
-    if all(len(rows) == 1 for rows in plan):
-        return False
-    while micro_batch_plan(lengths, args.micro_batch, args.micro_batch_tokens) == plan:
-        setattr(args, name, getattr(args, name) // 2)  # ends at 1 at worst, where every micro-batch is one sequence
-    return True
-
-
 def with_memory_retry(run, model, batch, args: Args, phase, log=print, save=None):
-    """run() is one pass over batch's micro-batches (reference/old log-probs, or the policy forward/backward).
-    On CUDA out-of-memory: halve the micro-batches (smaller_micro_batches; args keeps the smaller size for the
-    rest of the run) and redo the whole pass from zeroed gradients: the accumulation is exact however the batch
-    is split, so only float rounding changes. When one sequence alone does not fit: save (a callable that
-    writes a checkpoint) and stop. CPU allocators raise no torch.OutOfMemoryError: nothing is caught there."""
+    """run() is one pass over batch's micro-batches. On CUDA out-of-memory (CPU allocators raise none): halve
+    --micro-batch (or --micro-batch-tokens) until the plan changes, for the rest of the run, and redo the pass from
+    zeroed gradients (exact however the batch is split). When one sequence does not fit: save() and stop."""
     while True:
         try:
             return run()
@@ -1217,30 +1116,30 @@ def with_memory_retry(run, model, batch, args: Args, phase, log=print, save=None
         model.zero_grad(set_to_none=True)  # the micro-batches that did finish are redone: drop their gradients
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # hand the freed blocks back, so the smaller micro-batches are not fragmented
-        lengths = sequence_lengths(batch)
-        if not smaller_micro_batches(lengths, args):
+        lengths, name = sequence_lengths(batch), "micro_batch_tokens" if args.micro_batch_tokens > 0 else "micro_batch"
+        plan = micro_batch_plan(lengths, args.micro_batch, args.micro_batch_tokens)
+        if all(len(rows) == 1 for rows in plan):  # nothing left to split
             if save is not None:
                 save()
             fail(f"out of memory in the {phase} with one sequence per micro-batch (the longest: {max(lengths)} tokens, "
                  f"{batch['prompt_ids'].shape[1]} of them padded prompt): lower --max-new-tokens or the prompt "
                  f"length (or use --offload-activations)")
-        setting = (f"--micro-batch-tokens {args.micro_batch_tokens}" if args.micro_batch_tokens > 0
-                   else f"--micro-batch {args.micro_batch}")
+        while micro_batch_plan(lengths, args.micro_batch, args.micro_batch_tokens) == plan:  # 16 -> 8: same for 8 rows
+            setattr(args, name, getattr(args, name) // 2)  # ends at 1 at worst, where every micro-batch is one sequence
+        setting = f"{flag(name)} {getattr(args, name)}"
         log(f"out of memory in the {phase}: halved to {setting} for the rest of the run and redoing the pass "
             f"(start with {setting} to skip this)")
 
 
 def logprobs_before_update(model, batch, args: Args, temperature, retry) -> dict:
-    """What the loss needs from the policy as it was before this step's updates, each pass over the
-    micro-batches under with_memory_retry (retry: its log and save): ref_logp [N, T] (adapters off; β > 0),
-    old_logp [N, T] (μ > 1) and policy_mask [N, T] (--top-entropy-quantile, from the same pass's entropies)."""
+    """What the loss needs from the policy before this step's updates (each pass under with_memory_retry): ref_logp
+    (adapters off; β > 0), old_logp (μ > 1) and policy_mask (--top-entropy-quantile), all [N, T]."""
     out = {}
     if args.beta != 0:
         out["ref_logp"] = with_memory_retry(lambda: batch_logprobs(model, batch, args, temperature, reference=True),
                                             model, batch, args, "reference pass", **retry)
     if args.num_iterations > 1 or args.top_entropy_quantile < 1:
-        # One pass, adapters on: π_old's log-probs (μ > 1) and its entropies (--top-entropy-quantile).
-        # The entropies only when --top-entropy-quantile needs them: for μ > 1 alone they are wasted work.
+        # One pass, adapters on: π_old's log-probs (μ > 1) and, only if --top-entropy-quantile needs them, entropies.
         select = args.top_entropy_quantile < 1
         result = with_memory_retry(lambda: batch_logprobs(model, batch, args, temperature, with_entropy=select),
                                    model, batch, args, "old log-prob pass", **retry)
@@ -1253,9 +1152,8 @@ def logprobs_before_update(model, batch, args: Args, temperature, retry) -> dict
 
 
 def update_adapters(model, batch, optimizer, scheduler, args: Args, temperature, denominator, retry=None):
-    """One optimizer step on the whole batch: accumulate the gradients, sum them over ranks, clip, AdamW.
-    A non-finite loss or gradient skips the update: one bad batch must not poison the adapters (and
-    Adam's moments). retry: with_memory_retry's log/save. Returns (stats, grad_norm, finite)."""
+    """One optimizer step on the whole batch: accumulate the gradients, sum them over ranks, clip, AdamW. A non-finite
+    loss or gradient skips it (a bad batch must not poison the adapters). Returns (stats, grad_norm, finite)."""
     parameters = [p for group in optimizer.param_groups for p in group["params"]]  # the LoRA adapters
     optimizer.zero_grad(set_to_none=True)
     stats = with_memory_retry(lambda: accumulate_gradients(model, batch, args, temperature, denominator), model, batch,
@@ -1296,13 +1194,11 @@ def lr_factor(optimizer_step, args: Args) -> float:
 
 
 # -----------------------------------------------------------------------------
-# Distributed (torchrun): data parallel. Each rank generates and scores its own whole groups; only the
-# adapter gradients cross the network. A single process skips all of this.
+# Distributed (torchrun): each rank samples and scores its own whole groups; only adapter gradients cross ranks.
 
 
 def init_distributed(args: Args):
-    """Returns (rank, world_size, device). torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; a plain
-    `python grpo.py` is rank 0 of 1 and starts no process group."""
+    """(rank, world_size, device) from torchrun's RANK, WORLD_SIZE, LOCAL_RANK; a plain run is rank 0 of 1."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -1324,10 +1220,8 @@ def all_gather(value):
 
 
 def all_reduce_gradients(parameters):
-    """Sum the adapter gradients of all ranks in place, as one flat buffer. Summing (not averaging) is
-    right because every rank divided its loss by the global denominator. We all-reduce by hand rather
-    than wrap the model in DDP: the trainable set is a few LoRA tensors, accumulation is explicit, and
-    there is no hook to reason about."""
+    """Sum the adapter gradients of all ranks in place, as one flat buffer (not averaged: every rank divided its loss
+    by the global denominator). By hand rather than DDP: a few LoRA tensors, explicit accumulation, no hooks."""
     if not (dist.is_available() and dist.is_initialized()):
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
@@ -1344,9 +1238,8 @@ def all_reduce_gradients(parameters):
 def sample_groups(step, position, train_items, sampler, tokenizer, args: Args, eos_ids, reward_funcs, temperature,
                   rank=0, world_size=1, log=print):
     """Steps 1-3 from `position` of the data order: B prompts (this rank's share), G completions each, their rewards.
-    --dynamic-sampling (DAPO, Yu et al. 2025, algorithm 1): while fewer than B groups over all ranks are informative
-    (rewards not all equal), a round of the next prompts, exactly as many as groups are missing (so none sampled goes
-    unused), at most --max-refill-rounds times. Returns (rollouts with "prompts", scores, next position, rounds, seconds)."""
+    --dynamic-sampling (DAPO, algorithm 1): while fewer than B groups over all ranks are informative, a round of as many
+    next prompts as groups are missing. Returns (rollouts with "prompts", scores, next position, rounds, seconds)."""
     rollouts, scored, found, seconds = [], [], 0, 0.0
     for rounds in range(1, 2 + (args.max_refill_rounds if args.dynamic_sampling else 0)):
         # 1. The round's prompts (B, then the missing ones): rank r takes the r-th of world_size near-equal slices,
@@ -1377,18 +1270,16 @@ def sample_groups(step, position, train_items, sampler, tokenizer, args: Args, e
 
 def grpo_step(step, train_items, model, sampler, tokenizer, optimizer, scheduler, args: Args, eos_ids, reward_funcs,
               bad_steps=0, rank=0, world_size=1, log=print, save=None, position=None) -> dict:
-    """Sample B·G completions, score them, and make μ optimizer steps on them. sampler is the model that samples
-    (model itself, or its dense copy with --generation-model merged); reward_funcs: reward_functions'; bad_steps counts
-    the skipped updates in a row so far; save() writes a checkpoint before an out-of-memory stop; position: where
-    the step's prompts start in the data order (default step·B). Returns what the loop logs (step_metrics reads it)."""
+    """Sample B·G completions, score them, and make μ optimizer steps on them. sampler: model or its dense copy;
+    bad_steps: skipped updates in a row so far; save(): a checkpoint before an out-of-memory stop; position: where the
+    step's prompts start in the data order (default step·B). Returns what the loop logs (step_metrics reads it)."""
     device = model.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     step_start = time.time()
     temperature = temperature_at(step, args)  # sampling and log-probs use the same one: same policy
 
-    # 1-3. The next B prompts of the data order, G completions each, their rewards (sample_groups); with
-    # --dynamic-sampling, more rounds until B groups are informative.
+    # 1-3. The next B prompts, G completions each, their rewards (--dynamic-sampling: until B groups are informative).
     position = step * args.prompts_per_step if position is None else position
     rollout, scores, position, rounds, generate_seconds = sample_groups(
         step, position, train_items, sampler, tokenizer, args, eos_ids, reward_funcs, temperature, rank, world_size, log)
@@ -1429,7 +1320,9 @@ def grpo_step(step, train_items, model, sampler, tokenizer, optimizer, scheduler
             "bad_steps": bad_steps, "temperature": temperature, "lr": scheduler.get_last_lr()[0],
             "seconds": {"generate": generate_seconds, "reference": reference_seconds, "train": train_seconds,
                         "step": time.time() - step_start},
-            "peak_memory_gib": peak_memory_gib(device)}
+            # CUDA: peak allocated since the reset above; CPU: the process's peak resident set size (Linux: KiB)
+            "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
 # -----------------------------------------------------------------------------
@@ -1437,8 +1330,7 @@ def grpo_step(step, train_items, model, sampler, tokenizer, optimizer, scheduler
 
 
 def evaluate(model, tokenizer, items, args: Args, eos_ids, pool, rank=0, world_size=1) -> dict:
-    """Each rank evaluates items[rank::world_size]; the counts are gathered so every rank returns the
-    same numbers."""
+    """Each rank evaluates items[rank::world_size]; the counts are gathered: every rank returns the same numbers."""
     shard = items[rank::world_size]
     strict = lenient = formatted = 0.0
     if shard:
@@ -1461,25 +1353,17 @@ def evaluate(model, tokenizer, items, args: Args, eos_ids, pool, rank=0, world_s
 # -----------------------------------------------------------------------------
 # Logging: one line per step, metrics.jsonl, samples.jsonl. Names are documented in the README.
 
-# Phrases of self-verification and backtracking, the "aha" behaviours GRPO runs are watched for
-# (DeepSeek-R1, sec. 2.2.4). A completion counts once if it contains any of them.
 # The metric of a reward function's mean, reward/NAME (not reward/mean, reward/std, reward/NAME/std).
 REWARD_FUNCTION_MEAN = re.compile(r"reward/(?!(?:mean|std)$)[^/]+")
+# Phrases of self-verification and backtracking, the "aha" behaviours GRPO runs are watched for
+# (DeepSeek-R1, sec. 2.2.4). A completion counts once if it contains any of them.
 REFLECTION_PATTERN = re.compile(r"\b(wait|let me (?:check|verify|re-?check|re-?evaluate|think again)|verify|"
                                 r"double[- ]check|re-?check|on second thought|i made a mistake|actually)\b",
                                 re.IGNORECASE)
 
 
-def peak_memory_gib(device) -> float:
-    """CUDA: peak allocated since the last reset; CPU: the process's peak resident set size."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-
-
 def step_metrics(result, args: Args, world_size=1) -> dict:
-    """The metrics.jsonl record of one step (names in the README), over every rank's completions.
-    result is grpo_step's; its "stats" are accumulate_gradients' token-weighted loss statistics."""
+    """The metrics.jsonl record of grpo_step's result (names in the README), over every rank's completions."""
     rollout = result["rollout"]
     gathered = all_gather({"reward": result["rewards"].tolist(), "lengths": rollout["completion_mask"].sum(1).int().tolist(),
                            **{f"reward/{name}": values.tolist() for name, values in result["scores"]["per_reward"].items()},
@@ -1513,8 +1397,7 @@ def step_metrics(result, args: Args, world_size=1) -> dict:
                 "sampler/tis_capped_frac": token_mean("tis_capped_frac")} if "sampler_kl" in result["stats"] else {}),
             "loss/grad_norm": result["grad_norm"], "loss/trained_tokens": int(sum(tokens)),
             "optim/lr": result["lr"], "rollout/temperature": result["temperature"],
-            "time/generate_s": seconds["generate"], "time/reference_s": seconds["reference"],
-            "time/train_s": seconds["train"], "time/step_s": seconds["step"],
+            **{f"time/{key}_s": value for key, value in seconds.items()},
             "throughput/generated_tokens_per_s": float(every["lengths"].sum()) / max(seconds["generate"], 1e-9) / world_size,
             "memory/peak_gib": max(g["peak_memory_gib"] for g in gathered),
             "batch/micro_batch": args.micro_batch, "batch/micro_batch_tokens": args.micro_batch_tokens}
@@ -1533,8 +1416,8 @@ def format_step_line(m, steps) -> str:
 
 @contextlib.contextmanager
 def writing(path, run_dir):
-    """Writes to one of the run's files. A failure (disk full, no permission, I/O error) stops the run in one line
-    naming the file, the cause and the checkpoint to resume from (--resume redoes the steps after it, once)."""
+    """Writes to one of the run's files: a failure (disk full, no permission) stops the run in one line naming the
+    file, the cause and the checkpoint to resume from."""
     try:
         yield
     except Exception as e:  # OSError, or a library's wrapper of one (safetensors' SafetensorError)
@@ -1566,8 +1449,7 @@ def trim_records(run_dir, step, log=print) -> int:
 
 
 def write_step_records(run_dir, metrics, result, args: Args, log=print):
-    """Rank 0: the step's record to metrics.jsonl, its first --samples-per-step completions to
-    samples.jsonl, and every --sample-every steps one completion on stdout."""
+    """Rank 0: the step's metrics.jsonl record, --samples-per-step samples.jsonl records, a printed sample."""
     prompts, texts, rewards, advantages = result["prompts"], result["rollout"]["texts"], result["rewards"], result["advantages"]
     number = lambda value: None if math.isnan(value) else float(value)  # noqa: E731  (None: unscorable / not applicable)
     append_jsonl(os.path.join(run_dir, "metrics.jsonl"), [metrics])
@@ -1582,9 +1464,8 @@ def write_step_records(run_dir, metrics, result, args: Args, log=print):
 
 
 def announce_run(args: Args, run_dir, world_size, num_items, is_main, log=print):
-    """Print the config and the batch geometry derived from it; rank 0 makes the run directory (one that holds
-    another run is refused: --resume continues that) and writes its args.json."""
-    log("config: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in dataclasses.asdict(args).items()))
+    """Print the config and the batch geometry; rank 0 makes the run directory (not one holding a run) + args.json."""
+    log("config: " + " ".join(f"{flag(k)} {v}" for k, v in dataclasses.asdict(args).items()))
     local_prompts = args.prompts_per_step // world_size
     sequences = args.prompts_per_step * args.group_size
     log(f"batch: {args.prompts_per_step} prompts × G={args.group_size} = {sequences} sequences per step "
@@ -1605,10 +1486,9 @@ def announce_run(args: Args, run_dir, world_size, num_items, is_main, log=print)
 
 
 def open_report(args: Args, run_dir, is_main=True, start_step=0, logged=0):
-    """--report-to: a live dashboard fed the same records as metrics.jsonl (step and eval records, same
-    names, x-axis = "step"), with the run's args as its config. Returns (report(record), close()); both
-    do nothing for "none" and on ranks other than 0. The packages are optional: imported only here. Resumed at
-    start_step, TensorBoard purges its later steps; W&B (whose steps only go forward) continues after step `logged`."""
+    """--report-to: a live dashboard fed metrics.jsonl's records (x-axis "step"), the run's args as its config.
+    Returns (report(record), close()), which do nothing for "none" and on ranks other than 0. Resumed at start_step,
+    TensorBoard purges its later steps; W&B (whose steps only go forward) continues after step `logged`."""
     if args.report_to == "none" or not is_main:
         return (lambda record: None), (lambda: None)
     config = dataclasses.asdict(args)
@@ -1618,7 +1498,7 @@ def open_report(args: Args, run_dir, is_main=True, start_step=0, logged=0):
         except ImportError:
             fail("--report-to tensorboard needs the tensorboard package: pip install tensorboard")
         writer = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=start_step + 1 if start_step else None)
-        writer.add_text("args", "\n".join(f"    --{k.replace('_', '-')} {v}" for k, v in config.items()))  # indented: markdown code
+        writer.add_text("args", "\n".join(f"    {flag(k)} {v}" for k, v in config.items()))  # indented: markdown code
 
         def report(record):
             for key, value in record.items():
@@ -1645,8 +1525,7 @@ def open_report(args: Args, run_dir, is_main=True, start_step=0, logged=0):
 
 
 def plot_metrics(run_dir):
-    """metrics.jsonl -> metrics.png: reward, accuracy, eval accuracy, completion length, KL and entropy against
-    the step, each panel only when the run logged it. Returns the metric names drawn."""
+    """metrics.jsonl -> metrics.png: a panel per metric the run logged, against the step. Returns the names drawn."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -1680,8 +1559,7 @@ def plot_metrics(run_dir):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: the adapter in peft's format + optimizer/scheduler/RNG/step, written to a temporary
-# directory and renamed, so a crash mid-save never damages the previous checkpoint.
+# Checkpoints: adapter (peft's format) + optimizer/scheduler/RNG/step, written aside and renamed into place.
 
 CHECKPOINT_FILES = ("adapter_model.safetensors", "adapter_config.json", "trainer_state.pt", "args.json")
 
@@ -1697,14 +1575,6 @@ def rng_state() -> dict:
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
-def set_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def checkpoint_names(run_dir) -> list[str]:
     """The run's complete checkpoints, oldest first (a step_NNNNNN.tmp is a save under way or cut short)."""
     checkpoints = os.path.join(run_dir, "checkpoints")
@@ -1713,9 +1583,8 @@ def checkpoint_names(run_dir) -> list[str]:
 
 
 def save_checkpoint(run_dir, step, model, optimizer, scheduler, args: Args, rng_states, data_position, log=print):
-    """rng_states: one rng_state() per rank (each rank samples with its own generator); data_position: where the
-    next step's prompts start in the data order. A save that fails is one line (writing); one that fails or is
-    interrupted leaves no step_NNNNNN.tmp behind."""
+    """rng_states: one rng_state() per rank; data_position: where the next step's prompts start in the data order.
+    A save that fails is one line (writing); one that fails or is interrupted leaves no step_NNNNNN.tmp behind."""
     final = os.path.join(run_dir, "checkpoints", f"step_{step:06d}")
     if os.path.isdir(final):
         return final  # this step is already saved (e.g. a periodic save that is also the last step)
@@ -1790,7 +1659,12 @@ def load_checkpoint(path, model, optimizer, scheduler, rank=0, world_size=1) -> 
     if len(state["rng"]) != world_size:
         fail(f"checkpoint {path} was written by {len(state['rng'])} ranks: resume it with the same number of ranks "
              f"(now {world_size})")
-    set_rng_state(state["rng"][rank])
+    rng = state["rng"][rank]  # this rank's rng_state()
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
     return state
 
 
@@ -1799,8 +1673,7 @@ def load_checkpoint(path, model, optimizer, scheduler, rank=0, world_size=1) -> 
 
 
 def catch_stop_signals(log=print):
-    """SIGINT/SIGTERM: finish the current step, save, exit cleanly. A second Ctrl-C stops at once.
-    Returns (stop, previous handlers); stop["requested"] turns True at the first signal."""
+    """SIGINT/SIGTERM: finish the step, save, exit; a second Ctrl-C stops at once. Returns (stop, previous handlers)."""
     stop = {"requested": False}
 
     def request_stop(signum, frame):
