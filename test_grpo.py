@@ -72,6 +72,7 @@ def tiny_args(model_dir, **overrides) -> grpo.Args:
 
 @pytest.fixture
 def model_and_tokenizer(tiny_model_dir):
+    torch.manual_seed(0)  # LoRA A's initialisation: every test gets the same model, whatever ran before it
     return grpo.load_model(tiny_args(tiny_model_dir), torch.device("cpu"))
 
 
@@ -1216,8 +1217,11 @@ def command_line_args(args: grpo.Args) -> list:
     argv = []
     for f in dataclasses.fields(grpo.Args):
         value = getattr(args, f.name)
-        argv += [grpo.flag(f.name) if value else "--no-" + f.name.replace("_", "-")] if isinstance(value, bool) \
-            else [grpo.flag(f.name), str(value)]
+        if isinstance(value, bool):
+            argv += [grpo.flag(f.name) if value else "--no-" + f.name.replace("_", "-")]
+        else:  # a tuple (--reward): the flag once per element
+            argv += [part for element in (value if isinstance(value, tuple) else [value])
+                     for part in (grpo.flag(f.name), str(element))]
     return argv
 
 
@@ -2029,7 +2033,7 @@ def test_a_reward_failing_mid_run_stops_before_the_update_with_the_last_checkpoi
     args = tiny_args(tiny_model_dir, data=gsm8k_few, out_dir=str(tmp_path), run_name="flaky", steps=4, save_every=1,
                      reward=("correct", flaky + ":flaky"))
     assert "reward flaky: item 0 of 8" in error_of(args)
-    assert grpo.latest_checkpoint(str(tmp_path / "flaky")).endswith("step_000002")  # complete, and the newest
+    assert grpo.checkpoint_names(str(tmp_path / "flaky"))[-1] == "step_000002"  # complete, and the newest
     assert [json.loads(line)["step"] for line in open(tmp_path / "flaky" / "metrics.jsonl")] == [1, 2]
 
 
@@ -2116,7 +2120,7 @@ def fake_generate(model, tokenizer, prompts, args, eos_ids, temperature, greedy=
     for i, prompt in enumerate(prompts):
         generator = torch.Generator().manual_seed(zlib.crc32(prompt.encode()) + i % args.group_size)
         length = int(torch.randint(1, args.max_new_tokens + 1, (1,), generator=generator))
-        rows.append(torch.cat([torch.randint(0, 5000, (length - 1,), generator=generator), torch.tensor(eos_ids[:1])]))
+        rows.append(torch.cat([torch.randint(0, len(tokenizer), (length - 1,), generator=generator), torch.tensor(eos_ids[:1])]))
     T = max(len(row) for row in rows)
     completion_ids = torch.stack([torch.nn.functional.pad(row, (0, T - len(row)), value=tokenizer.pad_token_id) for row in rows])
     mask, truncated = grpo.completion_mask_from_ids(completion_ids, eos_ids)
@@ -2139,7 +2143,7 @@ def test_dynamic_sampling_refills_from_the_data_order_and_trains_exactly_like_a_
     flat, flat2 = {"prompt": "Flat: " + "a long prompt whose completions all score alike, " * 3}, {"prompt": "Flat."}
     good, good2 = {"prompt": "What is 2 + 3?"}, {"prompt": "Name a colour, please, in a few words of your own."}
     spread = lambda prompts, completions, completion_ids, **k: [  # noqa: E731
-        0.0 if p.startswith("Flat") else float(sum(ids) % 5) for p, ids in zip(prompts, completion_ids)]
+        0.0 if p.startswith("Flat") else float(len(ids) + sum(ids) % 5) for p, ids in zip(prompts, completion_ids)]
     args = tiny_args(tiny_model_dir, max_new_tokens=6, max_grad_norm=0, dynamic_sampling=True, max_refill_rounds=3)
     eos_ids, initial = grpo.end_of_sequence_ids(model, tokenizer), adapter_tensors(model)
 
