@@ -1351,7 +1351,7 @@ def evaluate(model, tokenizer, items, args: Args, eos_ids, pool, rank=0, world_s
 
 
 # -----------------------------------------------------------------------------
-# Logging: one line per step, metrics.jsonl, samples.jsonl. Names are documented in the README.
+# Logging: one line per step, metrics.jsonl, samples.jsonl. Names: docs/operations.md "Logged metrics".
 
 # The metric of a reward function's mean, reward/NAME (not reward/mean, reward/std, reward/NAME/std).
 REWARD_FUNCTION_MEAN = re.compile(r"reward/(?!(?:mean|std)$)[^/]+")
@@ -1363,7 +1363,7 @@ REFLECTION_PATTERN = re.compile(r"\b(wait|let me (?:check|verify|re-?check|re-?e
 
 
 def step_metrics(result, args: Args, world_size=1) -> dict:
-    """The metrics.jsonl record of grpo_step's result (names in the README), over every rank's completions."""
+    """The metrics.jsonl record of grpo_step's result (names in docs/operations.md), over every rank's completions."""
     rollout = result["rollout"]
     gathered = all_gather({"reward": result["rewards"].tolist(), "lengths": rollout["completion_mask"].sum(1).int().tolist(),
                            **{f"reward/{name}": values.tolist() for name, values in result["scores"]["per_reward"].items()},
