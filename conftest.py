@@ -45,13 +45,20 @@ SKIP_PREFIX = "needs_shared: "
 def pytest_configure(config):
     config.addinivalue_line("markers", "needs_shared: needs the real Qwen2.5 tokenizer or the full GSM8K "
                                        "(GRPO_SHARED, ../shared or a download; skipped without them)")
+    config.addinivalue_line("markers", "slow: 10 s or more (processes of their own, many steps): runs first")
+    # With -n N, xdist's default hands each worker a fixed share of the tests in order; "worksteal" lets a worker
+    # that runs out take unstarted tests from another, so the slow tests, first, end up spread over the workers.
+    if getattr(config.option, "dist", "no") == "load":
+        config.option.dist = "worksteal"
 
 
 def pytest_collection_modifyitems(items):
-    """A test that asks for a real file, directly or through another fixture, is marked without anyone remembering."""
+    """A test that asks for a real file, directly or through another fixture, is marked without anyone remembering.
+    The slow tests go first (in their file order), so that the run does not end on one of them alone."""
     for item in items:
         if {"qwen_tokenizer_dir", "gsm8k_test_path"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.needs_shared)
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # a stable sort: False (slow) first
 
 
 def not_here(message):

@@ -1708,6 +1708,7 @@ def test_report_to_without_its_package_is_one_clear_line(backend, module, tmp_pa
     close()
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_model_dir, gsm8k_few, tmp_path):
     import signal
     command = [sys.executable, str(ROOT / "grpo.py"), "--model", tiny_model_dir, "--data", gsm8k_few, "--device", "cpu",
@@ -1750,6 +1751,7 @@ grpo.main(grpo.Args(**flags), given=flags)
 '''
 
 
+@pytest.mark.slow
 def test_a_run_killed_between_logging_and_saving_resumes_from_its_directory_with_each_step_logged_once(
         tiny_model_dir, gsm8k_few, tmp_path):
     import signal
@@ -1778,6 +1780,7 @@ def test_a_run_killed_between_logging_and_saving_resumes_from_its_directory_with
     assert grpo.checkpoint_names(str(run_dir)) == ["step_000002", "step_000004"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fails", ["checkpoint", "samples.jsonl"])
 def test_a_file_that_cannot_be_written_stops_the_run_in_one_line_and_resume_continues(fails, saved_run):
     """The kernel refuses to grow a file past RLIMIT_FSIZE (EFBIG: the write path of a full disk's ENOSPC), here
@@ -2247,6 +2250,7 @@ def run_distributed(tmp_path, args, ranks, env_extra=None, timeout=300):
 
 # --top-entropy-quantile: the threshold is over both ranks' tokens (a per-rank one fails this test). The random
 # model's entropies are all near log V, closer than the two layouts' rounding: a low temperature spreads them.
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", [{}, {"top_entropy_quantile": 0.4, "temperature": 0.05},
                                      {"dynamic_sampling": True, "max_refill_rounds": 3}], ids=["plain", "entropy", "refill"])
 def test_two_ranks_give_the_same_adapter_as_one_process_on_the_same_global_batch(tiny_model_dir, gsm8k_few, tmp_path,
@@ -2282,6 +2286,7 @@ def test_two_ranks_give_the_same_adapter_as_one_process_on_the_same_global_batch
     assert records[0]["groups/rounds"] > 1 if variant.get("dynamic_sampling") else records[0]["groups/rounds"] == 1
 
 
+@pytest.mark.slow
 def test_a_failing_rank_ends_the_whole_job_with_its_error(tiny_model_dir, gsm8k_few, tmp_path):
     args = tiny_args(tiny_model_dir, data=gsm8k_few, out_dir=str(tmp_path), run_name="fail", steps=3, max_new_tokens=4)
     process, _ = run_distributed(tmp_path, args, ranks=2, env_extra={"FAIL_ON_RANK": "1"}, timeout=240)
@@ -2395,6 +2400,7 @@ def test_bench_decoding_loop_samples_exactly_what_generate_samples(tiny_model_di
         assert runs[0]["completion_mask"][0].sum() == 4 and runs[0]["completion_mask"][1:].sum() > 8
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not bench.continuous_batching_available(), reason="this transformers has no generate_batch")
 def test_bench_continuous_batching_decodes_greedily_like_generate_and_records_the_samplers_logprobs(tiny_model_dir,
                                                                                                  model_and_tokenizer):
@@ -2485,6 +2491,7 @@ def learning_run(tmp_path_factory, name, **overrides):
     return sum(rewards[:2]) / 2, sum(rewards[-10:]) / 10
 
 
+@pytest.mark.slow
 def test_reward_climbs_from_chance_to_above_0_9(tmp_path_factory):
     first, last = learning_run(tmp_path_factory, "learn")
     assert first <= 0.2  # measured ≤ 0.09: chance (1 in 16 tokens, and most are not digits)
@@ -2528,6 +2535,7 @@ def json_lines(stdout):
     return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 def test_gather_bench_fused_uses_far_less_memory_than_naive_and_agrees(device):
@@ -2545,6 +2553,7 @@ def test_gather_bench_fused_uses_far_less_memory_than_naive_and_agrees(device):
     assert "naive log_softmax+gather" in stdout and "mem naive/this" in stdout  # the readable table
 
 
+@pytest.mark.slow
 def test_step_bench_runs_every_phase_and_updates_lora(tmp_path, tokenizer_dir):
     config = tmp_path / "config.json"
     config.write_text(json.dumps(TINY_CONFIG))
@@ -2566,6 +2575,7 @@ def test_step_bench_runs_every_phase_and_updates_lora(tmp_path, tokenizer_dir):
     assert "policy forward+backward" in stdout  # the readable table
 
 
+@pytest.mark.slow
 def test_step_bench_naive_gather_and_no_reference_pass(tmp_path, tokenizer_dir):
     config = tmp_path / "config.json"
     config.write_text(json.dumps(TINY_CONFIG))
@@ -2577,6 +2587,7 @@ def test_step_bench_naive_gather_and_no_reference_pass(tmp_path, tokenizer_dir):
     assert set(step["seconds"]) == {"generation", "policy", "optimizer"}  # β = 0, μ = 1: no extra passes
 
 
+@pytest.mark.slow
 def test_trl_bench_runs_trl_on_the_model_step_saved_with_steps_settings(tmp_path, tokenizer_dir):
     # bench.py trl: TRL's GRPOTrainer on the directory `bench.py step` saved, given step's flags. What each side
     # reads back from what ran (trainer config or grpo.Args, the loaded model, the prompts) must agree; TRL's
@@ -2627,36 +2638,28 @@ def test_trl_bench_runs_trl_on_the_model_step_saved_with_steps_settings(tmp_path
     assert "policy forward+backward" in trl_stdout  # step's readable table
 
 
-def test_suite_bench_writes_every_figure_as_it_goes_and_respects_its_budget(tmp_path, tokenizer_dir):
-    # The GPU suite's own command on a tiny config, on the CPU: gather, our step (warm-up + measured step),
-    # and the long-completion pair with and without offload on one rollout. TRL's entries: the trl test.
+SUITE_SIZES = ["--prompts", "2", "--group", "2", "--prompt-tokens", "8", "--new-tokens", "4", "--micro-batch", "4",
+               "--long-prompts", "1", "--long-new-tokens", "8", "--warmup-new-tokens", "2", "--gather-tokens", "64",
+               "--decode-new-tokens", "12", "--decode-check", "6"]
+
+
+def run_suite(tmp_path, tokenizer_dir, only, budget_s="600", out="suite"):
+    """The GPU suite's own command on a tiny config, on the CPU: {name: measurement} of suite.json. Three tests share
+    its entries out (each entry is a process of its own, as on the GPU), so that two test workers run them side by side."""
     config = tmp_path / "config.json"
     config.write_text(json.dumps(TINY_CONFIG))
-    out = tmp_path / "suite"
-    sizes = ["--prompts", "2", "--group", "2", "--prompt-tokens", "8", "--new-tokens", "4", "--micro-batch", "4",
-             "--long-prompts", "1", "--long-new-tokens", "8", "--warmup-new-tokens", "2", "--gather-tokens", "64",
-             "--decode-new-tokens", "4", "--decode-check", "6"]
-    run_bench("suite", "--config", str(config), "--tokenizer", tokenizer_dir, "--device", "cpu", "--out", str(out),
-              "--models-dir", str(tmp_path / "models"), "--slice-layers", "1", "--budget-s", "600",
-              "--only", "gather,decode-slice,slice-graph,slice-paged,full-ours,full-long", *sizes, timeout=600)
-    results = json.loads((out / "suite.json").read_text())
-    by_name = {m["name"]: m for m in results["measurements"]}
-    assert list(by_name) == ["gather", "decode-slice", "slice-graph", "slice-paged", "full-ours", "full-long"]
-    graph_steps = [r for r in by_name["slice-graph"]["records"] if "step_seconds" in r]
-    # CPU: no graph; the merged sampler, then the 4-bit policy as the sampler
-    assert [(r["variant"], r["sampler"], r["decode"], r["generated_tokens"]) for r in graph_steps] == \
-        [("graph", "merged", "static-loop", 2 * 2 * 4)] * 2 + [("graph policy", "policy", "static-loop", 2 * 2 * 4)] * 2
-    paged_steps = [r for r in by_name["slice-paged"]["records"] if "step_seconds" in r]  # continuous batching, EOS off
-    assert [(r["variant"], r["sampler"], r["decode"], r["generated_tokens"]) for r in paged_steps] == \
-        [("paged", "merged", "continuous-batching", 2 * 2 * 4)] * 2 + [("paged policy", "policy", "continuous-batching", 2 * 2 * 4)] * 2
-    # Every decoding variant that runs on a CPU samples greedily exactly what generate does (our own loop on a
-    # static cache included: its positions, cache slots and mask); CUDA graphs need CUDA and say so.
-    decode = {r["variant"]: r for r in by_name["decode-slice"]["records"]}
-    assert set(decode) == set(bench.DECODE_VARIANTS)
-    assert decode["cuda-graph"]["skipped"].startswith("CUDA graphs need")
-    for variant in ("generate-sdpa", "generate", "generate-static", "static-loop", "continuous-batching"):
-        assert decode[variant]["greedy_tokens_equal_to_generate"] == 1.0 and decode[variant]["ms_per_decode_step"] > 0
-    assert decode["static-loop"]["layers"] == 1 and decode["static-loop"]["batch"] == 4
+    run_bench("suite", "--config", str(config), "--tokenizer", tokenizer_dir, "--device", "cpu", "--out", str(tmp_path / out),
+              "--models-dir", str(tmp_path / "models"), "--slice-layers", "1", "--budget-s", budget_s,
+              *(["--only", only] if only else []), *SUITE_SIZES, timeout=600)
+    return {m["name"]: m for m in json.loads((tmp_path / out / "suite.json").read_text())["measurements"]}
+
+
+@pytest.mark.slow
+def test_suite_bench_writes_every_figure_as_it_goes_and_respects_its_budget(tmp_path, tokenizer_dir):
+    # Gather, our step (warm-up + measured step), and the long-completion pair with and without offload on one
+    # rollout. TRL's entries: the trl test; the decoding engines: the two tests below.
+    by_name = run_suite(tmp_path, tokenizer_dir, "gather,full-ours,full-long")
+    assert list(by_name) == ["gather", "full-ours", "full-long"]
     gather = next(r for r in by_name["gather"]["records"] if isinstance(r.get("gather"), list))
     assert [row["impl"] for row in gather["gather"]] == ["naive", "fused", "fused-copy"]
     steps = [r for r in by_name["full-ours"]["records"] if "step_seconds" in r]
@@ -2665,10 +2668,32 @@ def test_suite_bench_writes_every_figure_as_it_goes_and_respects_its_budget(tmp_
     assert (long["offload"], offload["offload"], offload["reused_rollout"]) == (False, True, True)
     assert long["generated_tokens"] == 2 * 8 and "generation" not in offload["seconds"]
     assert all(r["layers"] == TINY_CONFIG["num_hidden_layers"] and r["peak_gib_max"] > 0 for r in steps)
-    table = (out / "suite.md").read_text()
+    table = (tmp_path / "suite" / "suite.md").read_text()
     assert "| full-ours merged step 2 |" in table and "| full-long long+offload step 1 |" in table
     # A spent budget: nothing runs, every measurement says why, the files are still written.
-    run_bench("suite", "--config", str(config), "--tokenizer", tokenizer_dir, "--device", "cpu", "--out",
-              str(tmp_path / "none"), "--models-dir", str(tmp_path / "models"), "--budget-s", "0", *sizes)
-    nothing = json.loads((tmp_path / "none" / "suite.json").read_text())
-    assert all(m["exit"] == "not run" and m["note"].startswith("skipped") for m in nothing["measurements"])
+    nothing = run_suite(tmp_path, tokenizer_dir, "", budget_s="0", out="none")
+    assert all(m["exit"] == "not run" and m["note"].startswith("skipped") for m in nothing.values())
+
+
+@pytest.mark.slow
+def test_suite_bench_decode_variants_each_decode_greedily_what_generate_decodes(tmp_path, tokenizer_dir):
+    # Every decoding variant that runs on a CPU samples greedily exactly what generate does (our own loop on a
+    # static cache included: its positions, cache slots and mask); CUDA graphs need CUDA and say so.
+    decode = {r["variant"]: r for r in run_suite(tmp_path, tokenizer_dir, "decode-slice")["decode-slice"]["records"]}
+    assert set(decode) == set(bench.DECODE_VARIANTS)
+    assert decode["cuda-graph"]["skipped"].startswith("CUDA graphs need")
+    for variant in ("generate-sdpa", "generate", "generate-static", "static-loop", "continuous-batching"):
+        assert decode[variant]["greedy_tokens_equal_to_generate"] == 1.0 and decode[variant]["ms_per_decode_step"] > 0
+    assert decode["static-loop"]["layers"] == 1 and decode["static-loop"]["batch"] == 4
+
+
+@pytest.mark.slow
+def test_suite_bench_steps_with_our_decoding_loop_and_with_continuous_batching(tmp_path, tokenizer_dir):
+    by_name = run_suite(tmp_path, tokenizer_dir, "slice-graph,slice-paged")
+    graph_steps = [r for r in by_name["slice-graph"]["records"] if "step_seconds" in r]
+    # CPU: no graph; the merged sampler, then the 4-bit policy as the sampler
+    assert [(r["variant"], r["sampler"], r["decode"], r["generated_tokens"]) for r in graph_steps] == \
+        [("graph", "merged", "static-loop", 2 * 2 * 4)] * 2 + [("graph policy", "policy", "static-loop", 2 * 2 * 4)] * 2
+    paged_steps = [r for r in by_name["slice-paged"]["records"] if "step_seconds" in r]  # continuous batching, EOS off
+    assert [(r["variant"], r["sampler"], r["decode"], r["generated_tokens"]) for r in paged_steps] == \
+        [("paged", "merged", "continuous-batching", 2 * 2 * 4)] * 2 + [("paged policy", "policy", "continuous-batching", 2 * 2 * 4)] * 2
