@@ -403,8 +403,8 @@ def graph_generate(model, use_graph, input_ids, attention_mask, max_new_tokens, 
 
 
 def continuous_batching_available() -> bool:
-    import transformers
-    return hasattr(transformers.GenerationMixin, "generate_batch")  # 5.17 and 5.24 have it
+    import transformers  # 5.17 and 5.24 have both; 4.57 has an older generate_batch without the config class
+    return hasattr(transformers.GenerationMixin, "generate_batch") and hasattr(transformers, "ContinuousBatchingConfig")
 
 
 def batch_generate(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, do_sample=True,

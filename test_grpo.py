@@ -2401,7 +2401,8 @@ def test_bench_decoding_loop_samples_exactly_what_generate_samples(tiny_model_di
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not bench.continuous_batching_available(), reason="this transformers has no generate_batch")
+@pytest.mark.skipif(not bench.continuous_batching_available(), reason="this transformers has no continuous batching "
+                    "(generate_batch with ContinuousBatchingConfig: 5.17 and later)")
 def test_bench_continuous_batching_decodes_greedily_like_generate_and_records_the_samplers_logprobs(tiny_model_dir,
                                                                                                  model_and_tokenizer):
     # bench.batch_generate (transformers' generate_batch: paged attention, a scheduler) as a drop-in for generate in
