@@ -19,6 +19,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent
+SHARED = Path(os.environ.get("GRPO_SHARED", ROOT.parent / "shared"))
+QWEN_TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"]
+SKIP_PREFIX = "needs_shared: "
 
 # `python -m pytest -n 2` (pytest-xdist, the README's command): each worker runs one torch thread, as do the
 # processes its tests start (they inherit it), so two workers fill two cores without oversubscribing them and a
@@ -34,14 +37,6 @@ if WORKER:
     tempfile.tempdir = None  # tempfile looks again, and finds TMPDIR
 
 
-def pytest_unconfigure(config):
-    if WORKER:
-        shutil.rmtree(WORKER_TMP, ignore_errors=True)
-SHARED = Path(os.environ.get("GRPO_SHARED", ROOT.parent / "shared"))
-QWEN_TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"]
-SKIP_PREFIX = "needs_shared: "
-
-
 def pytest_configure(config):
     config.addinivalue_line("markers", "needs_shared: needs the real Qwen2.5 tokenizer or the full GSM8K "
                                        "(GRPO_SHARED, ../shared or a download; skipped without them)")
@@ -50,6 +45,11 @@ def pytest_configure(config):
     # one queue instead, so that the slow tests, sorted first, are spread over the workers and the run ends on fast ones.
     if getattr(config.option, "dist", "no") == "load" and getattr(config.option, "maxschedchunk", 0) is None:
         config.option.maxschedchunk = 2
+
+
+def pytest_unconfigure(config):
+    if WORKER:
+        shutil.rmtree(WORKER_TMP, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items):
